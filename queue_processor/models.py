@@ -1,0 +1,62 @@
+"""Frozen value types shared by the queue, the worker and the CLI. No I/O here."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Literal, NewType
+
+QueueId = NewType("QueueId", int)
+ClaimToken = NewType("ClaimToken", uuid.UUID)
+
+Status = Literal["pending", "processing", "done", "failed"]
+STATUSES: tuple[Status, ...] = ("pending", "processing", "done", "failed")
+
+ColumnType = Literal["vector", "halfvec", "real[]", "double precision[]", "jsonb", "bytea"]
+IdType = Literal["smallint", "integer", "bigint", "uuid", "text", "character varying"]
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One claimed queue row: what to embed and where the vector goes."""
+
+    id: QueueId
+    table_name: str
+    record_id: str
+    embedding_column: str
+    content: str | None
+    attempts: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A batch claimed by one worker: the items and the token that proves ownership."""
+
+    token: ClaimToken
+    owner: str
+    items: tuple[QueueItem, ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A registered (table, embedding column) pair from ``embedding_targets``."""
+
+    table_name: str
+    embedding_column: str
+    schema_name: str
+    relation_name: str
+    id_column: str
+    id_type: IdType
+    content_columns: tuple[str, ...]
+    content_template: str | None
+    column_type: ColumnType
+    dimensions: int | None
+    model: str | None
+    model_column: str | None
+    generated_at_column: str | None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The registry key: (table_name label, embedding column)."""
+        return (self.table_name, self.embedding_column)

@@ -1,0 +1,37 @@
+"""Runtime SQL, loaded by name from ``queries.sql``.
+
+Each statement in ``queries.sql`` starts with ``-- name: NAME`` followed by a one-line
+description comment; statements take named parameters (``%(param)s``). Statements that need
+identifiers (target tables and columns) hold ``{placeholders}`` filled only with
+``psycopg.sql.Identifier`` values by db.py / queue.py.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+
+_BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def _all() -> dict[str, str]:
+    text = resources.files("queue_processor").joinpath("queries.sql").read_text(encoding="utf-8")
+    parts = _BLOCK.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise ValueError(f"queries.sql defines {name!r} twice")
+        queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+def get(name: str) -> str:
+    """The SQL text of the statement called ``name``; KeyError if there is none."""
+    return _all()[name]
+
+
+def names() -> list[str]:
+    """Every statement name, sorted (for tests)."""
+    return sorted(_all())

@@ -1,0 +1,89 @@
+"""All configuration, read from the environment once, at the edge (cli.py).
+
+Environment variable names are the field names in upper case (``DATABASE_URL``,
+``OPENAI_API_KEY``, ``EMBEDDING_MODEL``...); queue_processor's own knobs carry the
+``QUEUE_PROCESSOR_`` prefix. Never instantiated at import time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+class Settings(BaseSettings):
+    """Every setting with its default; units are in the names."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, populate_by_name=True)
+
+    # Database. Unset DATABASE_URL means the embedded PostgreSQL in data_dir.
+    database_url: SecretStr | None = Field(default=None, alias="DATABASE_URL")
+    queue_schema: str = Field(default="public", alias="QUEUE_PROCESSOR_SCHEMA")
+    data_dir: Path | None = Field(default=None, alias="QUEUE_PROCESSOR_DATA_DIR")
+    pool_max_size: int = Field(default=8, ge=1, alias="QUEUE_PROCESSOR_POOL_SIZE")
+
+    # Provider.
+    embedding_provider: Literal["openai", "local"] | None = Field(
+        default=None, alias="EMBEDDING_PROVIDER"
+    )
+    openai_base_url: str = Field(default="https://api.openai.com/v1", alias="OPENAI_BASE_URL")
+    openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
+    embedding_model: str = Field(default="text-embedding-3-small", alias="EMBEDDING_MODEL")
+    embedding_dimensions: int | None = Field(default=None, gt=0, alias="EMBEDDING_DIMENSIONS")
+    embedding_requests_per_minute: int | None = Field(
+        default=None, gt=0, alias="EMBEDDING_REQUESTS_PER_MINUTE"
+    )
+    embedding_tokens_per_minute: int | None = Field(
+        default=None, gt=0, alias="EMBEDDING_TOKENS_PER_MINUTE"
+    )
+    embedding_max_inputs_per_request: int = Field(
+        default=512, gt=0, alias="EMBEDDING_MAX_INPUTS_PER_REQUEST"
+    )
+    embedding_max_tokens_per_request: int = Field(
+        default=250_000, gt=0, alias="EMBEDDING_MAX_TOKENS_PER_REQUEST"
+    )
+    embedding_max_concurrent_requests: int = Field(
+        default=4, gt=0, alias="EMBEDDING_MAX_CONCURRENT_REQUESTS"
+    )
+    request_timeout_seconds: float = Field(default=60.0, gt=0, alias="EMBEDDING_TIMEOUT_SECONDS")
+    connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, alias="EMBEDDING_CONNECT_TIMEOUT_SECONDS"
+    )
+    provider_max_retries: int = Field(default=5, ge=1, alias="EMBEDDING_MAX_RETRIES")
+
+    # Worker.
+    batch_size: int = Field(default=100, gt=0, alias="QUEUE_PROCESSOR_BATCH_SIZE")
+    delay_ms: int = Field(default=0, ge=0, alias="QUEUE_PROCESSOR_DELAY_MS")
+    concurrency: int = Field(default=1, gt=0, alias="QUEUE_PROCESSOR_CONCURRENCY")
+    lease_seconds: float = Field(default=300.0, gt=0, alias="QUEUE_PROCESSOR_LEASE_SECONDS")
+    max_attempts: int = Field(default=3, ge=1, alias="QUEUE_PROCESSOR_MAX_ATTEMPTS")
+    retry_base_seconds: float = Field(
+        default=10.0, gt=0, alias="QUEUE_PROCESSOR_RETRY_BASE_SECONDS"
+    )
+    retry_max_seconds: float = Field(
+        default=3600.0, gt=0, alias="QUEUE_PROCESSOR_RETRY_MAX_SECONDS"
+    )
+    poll_interval_seconds: float = Field(default=5.0, gt=0, alias="QUEUE_PROCESSOR_POLL_SECONDS")
+    shutdown_grace_seconds: float = Field(
+        default=30.0, ge=0, alias="QUEUE_PROCESSOR_SHUTDOWN_GRACE_SECONDS"
+    )
+    worker_name: str | None = Field(default=None, alias="QUEUE_PROCESSOR_WORKER_NAME")
+
+    # Logging.
+    log_level: str = Field(default="info", alias="QUEUE_PROCESSOR_LOG_LEVEL")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", alias="QUEUE_PROCESSOR_LOG_FORMAT"
+    )
+
+    @field_validator("queue_schema")
+    @classmethod
+    def _schema_is_identifier(cls, value: str) -> str:
+        if not _IDENT.match(value):
+            raise ValueError(f"QUEUE_PROCESSOR_SCHEMA must be a plain identifier, got {value!r}")
+        return value

@@ -1,0 +1,475 @@
+-- 0002_targets: the target registry and the SQL API that installs enqueue triggers.
+--
+-- The processor writes only to (table, column) pairs registered here. Users call
+-- embedding_register_target() from their own migrations (Supabase users included) or through
+-- `queue-processor register`. Every identifier reaching dynamic SQL goes through format('%I')
+-- or comes from the catalog; values go through format('%L').
+
+CREATE TABLE embedding_targets (
+    -- table_name is the label queue rows carry: the bare relation name for tables in schema
+    -- public (what the seeds insert, e.g. 'sessions'), 'schema.relation' otherwise.
+    table_name          text    NOT NULL,
+    embedding_column    text    NOT NULL,
+    schema_name         text    NOT NULL,
+    relation_name       text    NOT NULL,
+    id_column           text    NOT NULL,
+    id_type             text    NOT NULL
+        CHECK (id_type IN ('smallint', 'integer', 'bigint', 'uuid', 'text', 'character varying')),
+    content_columns     text[]  NOT NULL,
+    content_template    text,
+    column_type         text    NOT NULL
+        CHECK (column_type IN ('vector', 'halfvec', 'real[]', 'double precision[]', 'jsonb', 'bytea')),
+    dimensions          integer CHECK (dimensions > 0),
+    model               text,
+    model_column        text,
+    generated_at_column text,
+    -- Names the generated trigger functions (embedding_queue_t<suffix>_*).
+    trigger_suffix      text    NOT NULL UNIQUE,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, embedding_column)
+);
+
+-- The schema holding embedding_queue (generated trigger functions are created there and
+-- qualify every reference, since they run with a fixed search_path).
+CREATE FUNCTION embedding_queue_nsp() RETURNS text
+LANGUAGE sql STABLE
+SET search_path FROM CURRENT
+RETURN (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = 'embedding_queue'::regclass);
+
+-- Blank means NULL, empty or whitespace only: such content is never embedded.
+CREATE FUNCTION embedding_queue_is_blank(content text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN content IS NULL OR btrim(content, E' \t\n\r\f\v') = '';
+
+-- The SQL expression that builds a row's content, over a row alias:
+--   one column      -> alias.col::text
+--   several columns -> concat_ws(E'\n', ...), NULL parts skipped
+--   a template      -> 'Title: {title}\nGenre: {genre}' becomes format('Title: %s\nGenre: %s',
+--                      alias.title, alias.genre), NULL when every placeholder is blank.
+-- Templates use {column}; '%' is literal. The columns were validated by the caller.
+CREATE FUNCTION embedding_queue_content_sql(columns text[], template text, alias text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    rest text := template;
+    fmt text := '';
+    args text := '';
+    nulls text := '';
+    open_at int;
+    close_at int;
+    col text;
+BEGIN
+    IF template IS NULL THEN
+        IF cardinality(columns) = 1 THEN
+            RETURN format('%I.%I::text', alias, columns[1]);
+        END IF;
+        SELECT 'concat_ws(E''\n'', ' || string_agg(format('%I.%I::text', alias, c), ', ') || ')'
+          INTO fmt FROM unnest(columns) AS c;
+        RETURN fmt;
+    END IF;
+    LOOP
+        open_at := strpos(rest, '{');
+        EXIT WHEN open_at = 0;
+        fmt := fmt || replace(left(rest, open_at - 1), '%', '%%') || '%s';
+        rest := substr(rest, open_at + 1);
+        close_at := strpos(rest, '}');
+        col := left(rest, close_at - 1);
+        rest := substr(rest, close_at + 1);
+        args := args || format(', %I.%I::text', alias, col);
+        -- Inlined blank test (generated code runs with search_path = pg_catalog).
+        nulls := nulls || CASE WHEN nulls = '' THEN '' ELSE ' AND ' END
+                       || format('btrim(coalesce(%I.%I::text, %L), %L) = %L',
+                                 alias, col, '', E' \t\n\r\f\v', '');
+    END LOOP;
+    fmt := fmt || replace(rest, '%', '%%');
+    IF nulls = '' THEN
+        RAISE EXCEPTION 'content template % names no {column}', quote_literal(template);
+    END IF;
+    RETURN format('CASE WHEN %s THEN NULL ELSE format(%L%s) END', nulls, fmt, args);
+END;
+$$;
+
+-- The columns a template names, in order, so they can be validated.
+CREATE FUNCTION embedding_queue_template_columns(template text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    rest text := template;
+    cols text[] := '{}';
+    open_at int;
+    close_at int;
+BEGIN
+    LOOP
+        open_at := strpos(rest, '{');
+        EXIT WHEN open_at = 0;
+        rest := substr(rest, open_at + 1);
+        close_at := strpos(rest, '}');
+        IF close_at = 0 THEN
+            RAISE EXCEPTION 'content template has an unclosed "{": %', quote_literal(template);
+        END IF;
+        cols := cols || left(rest, close_at - 1);
+        rest := substr(rest, close_at + 1);
+    END LOOP;
+    RETURN cols;
+END;
+$$;
+
+-- Queue rows of a registered target: 'missing' (target column NULL), 'all' (re-embed every
+-- row, e.g. after a model change) or the given ids. Returns how many rows were queued.
+-- Rows already queued go back to pending with their current content.
+CREATE FUNCTION embedding_queue_backfill(
+    p_table_name text,
+    p_embedding_column text,
+    p_mode text DEFAULT 'missing',
+    p_ids text[] DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    t embedding_targets;
+    queue regclass := 'embedding_queue'::regclass;
+    filter text;
+    n bigint;
+BEGIN
+    SELECT * INTO t FROM embedding_targets
+     WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no registered target %.%', p_table_name, p_embedding_column
+              USING ERRCODE = 'undefined_object';
+    END IF;
+    filter := CASE p_mode
+        WHEN 'missing' THEN format('r.%I IS NULL', t.embedding_column)
+        WHEN 'all' THEN 'true'
+        WHEN 'ids' THEN format('r.%I = ANY($1::%s[])', t.id_column, t.id_type)
+    END;
+    IF filter IS NULL THEN
+        RAISE EXCEPTION 'backfill mode must be missing, all or ids, not %', quote_literal(p_mode);
+    END IF;
+    EXECUTE format(
+        $q$
+        INSERT INTO %s AS q (table_name, record_id, embedding_column, content)
+        SELECT %L, r.%I::text, %L, c.content
+          FROM %I.%I AS r CROSS JOIN LATERAL (SELECT %s AS content) AS c
+         WHERE %s AND NOT embedding_queue_is_blank(c.content)
+        ON CONFLICT (table_name, record_id, embedding_column) DO UPDATE
+           SET content = EXCLUDED.content, status = 'pending', attempts = 0,
+               error_message = NULL, detail = NULL, next_attempt_at = now(),
+               claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
+               generation = q.generation + 1, updated_at = now(), processed_at = NULL
+        $q$,
+        queue, t.table_name, t.id_column, t.embedding_column,
+        t.schema_name, t.relation_name,
+        embedding_queue_content_sql(t.content_columns, t.content_template, 'r'),
+        filter)
+    USING p_ids;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END;
+$$;
+
+-- Register (or re-register) a target and install its triggers on the source table.
+--   p_table            the source table, e.g. 'sessions' or '"My Schema"."My Table"'
+--   p_embedding_column the target column: vector, halfvec, real[], double precision[], jsonb
+--                      or bytea (little-endian float32)
+--   p_content_columns  one or more text columns whose values form the content, or
+--   p_template         'Title: {title}\nGenre: {genre}' (exactly one of the two)
+--   p_id_column        defaults to the single-column primary key; must be unique
+--   p_model, p_dimensions optional; dimensions default to the vector column's typmod
+--   p_model_column, p_generated_at_column optional companion columns the processor fills
+--   p_backfill         'none', 'missing' or 'all': queue existing rows now
+-- Returns the table_name label queue rows will carry.
+CREATE FUNCTION embedding_register_target(
+    p_table regclass,
+    p_embedding_column text,
+    p_content_columns text[] DEFAULT NULL,
+    p_template text DEFAULT NULL,
+    p_id_column text DEFAULT NULL,
+    p_model text DEFAULT NULL,
+    p_dimensions integer DEFAULT NULL,
+    p_model_column text DEFAULT NULL,
+    p_generated_at_column text DEFAULT NULL,
+    p_backfill text DEFAULT 'none'
+) RETURNS text
+LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    qs text := embedding_queue_nsp();
+    -- Generated functions run with search_path = pg_catalog: qualify our objects.
+    queue text := format('%I.embedding_queue', qs);
+    blank text := format('%I.embedding_queue_is_blank', qs);
+    nsp text;
+    rel text;
+    relkind "char";
+    label text;
+    kind text;
+    typmod int;
+    dims int := p_dimensions;
+    idcol text := p_id_column;
+    idtype text;
+    cols text[];
+    c text;
+    suffix text;
+    fn text;
+    expr_n text;
+    expr_o text;
+    clear_sets text;
+    upsert text;
+BEGIN
+    SELECT n.nspname, cl.relname, cl.relkind INTO nsp, rel, relkind
+      FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
+     WHERE cl.oid = p_table;
+    IF relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', p_table;
+    END IF;
+    label := CASE WHEN nsp = 'public' THEN rel ELSE nsp || '.' || rel END;
+
+    -- The target column and its kind.
+    SELECT CASE t.typname
+               WHEN 'vector' THEN 'vector'
+               WHEN 'halfvec' THEN 'halfvec'
+               WHEN '_float4' THEN 'real[]'
+               WHEN '_float8' THEN 'double precision[]'
+               WHEN 'jsonb' THEN 'jsonb'
+               WHEN 'bytea' THEN 'bytea'
+           END,
+           a.atttypmod
+      INTO kind, typmod
+      FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+     WHERE a.attrelid = p_table AND a.attname = p_embedding_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(p_embedding_column);
+    END IF;
+    IF kind IS NULL THEN
+        RAISE EXCEPTION 'column %.% has type %; supported: vector, halfvec, real[], double precision[], jsonb, bytea',
+            p_table, quote_ident(p_embedding_column),
+            (SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = p_table AND attname = p_embedding_column);
+    END IF;
+    IF kind IN ('vector', 'halfvec') AND typmod > 0 THEN
+        IF dims IS NOT NULL AND dims <> typmod THEN
+            RAISE EXCEPTION 'column %.% holds % dimensions but % were requested',
+                p_table, quote_ident(p_embedding_column), typmod, dims;
+        END IF;
+        dims := typmod;
+    END IF;
+
+    -- The key: the single-column primary key unless named; it must be unique.
+    IF idcol IS NULL THEN
+        SELECT a.attname INTO idcol
+          FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+         WHERE i.indrelid = p_table AND i.indisprimary AND i.indnkeyatts = 1;
+        IF idcol IS NULL THEN
+            RAISE EXCEPTION 'table % has no single-column primary key; pass p_id_column', p_table;
+        END IF;
+    ELSIF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+         WHERE i.indrelid = p_table AND i.indisunique AND i.indnkeyatts = 1
+           AND i.indpred IS NULL AND a.attname = idcol) THEN
+        RAISE EXCEPTION 'column %.% is not unique (no single-column unique index)', p_table, quote_ident(idcol);
+    END IF;
+    SELECT format_type(a.atttypid, NULL) INTO idtype
+      FROM pg_attribute a WHERE a.attrelid = p_table AND a.attname = idcol;
+    IF idtype NOT IN ('smallint', 'integer', 'bigint', 'uuid', 'text', 'character varying') THEN
+        RAISE EXCEPTION 'key column %.% has type %; supported: smallint, integer, bigint, uuid, text, varchar',
+            p_table, quote_ident(idcol), idtype;
+    END IF;
+
+    -- Content: columns or a template, never both.
+    IF (p_content_columns IS NULL) = (p_template IS NULL) THEN
+        RAISE EXCEPTION 'pass exactly one of p_content_columns or p_template';
+    END IF;
+    cols := COALESCE(p_content_columns, embedding_queue_template_columns(p_template));
+    IF cardinality(cols) = 0 THEN
+        RAISE EXCEPTION 'content needs at least one column';
+    END IF;
+    FOREACH c IN ARRAY cols || ARRAY[p_model_column, p_generated_at_column] LOOP
+        IF c IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM pg_attribute
+             WHERE attrelid = p_table AND attname = c AND attnum > 0 AND NOT attisdropped) THEN
+            RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(c);
+        END IF;
+    END LOOP;
+    IF p_backfill NOT IN ('none', 'missing', 'all') THEN
+        RAISE EXCEPTION 'p_backfill must be none, missing or all, not %', quote_literal(p_backfill);
+    END IF;
+
+    suffix := substr(md5(label || '/' || p_embedding_column), 1, 12);
+    fn := 'embedding_queue_t' || suffix;
+    expr_n := embedding_queue_content_sql(cols, p_template, 'n');
+    expr_o := embedding_queue_content_sql(cols, p_template, 'o');
+    clear_sets := format('NEW.%I := NULL;', p_embedding_column)
+        || CASE WHEN p_model_column IS NULL THEN ''
+                ELSE format(' NEW.%I := NULL;', p_model_column) END
+        || CASE WHEN p_generated_at_column IS NULL THEN ''
+                ELSE format(' NEW.%I := NULL;', p_generated_at_column) END;
+    -- Re-pending resets everything a claim or an earlier failure left behind; bumping
+    -- generation and clearing claim_token is what makes an in-flight claim stale.
+    upsert := format(
+        $q$
+        INSERT INTO %s AS q (table_name, record_id, embedding_column, content)
+        SELECT %L, ch.id::text, %L, ch.content FROM changed AS ch
+         WHERE NOT %s(ch.content)
+         ORDER BY ch.id
+        ON CONFLICT (table_name, record_id, embedding_column) DO UPDATE
+           SET content = EXCLUDED.content, status = 'pending', attempts = 0,
+               error_message = NULL, detail = NULL, next_attempt_at = now(),
+               claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
+               generation = q.generation + 1, updated_at = now(), processed_at = NULL
+        $q$, queue, label, p_embedding_column, blank);
+
+    -- Statement-level triggers with transition tables: one queue statement per source
+    -- statement, so a 100k-row bulk insert costs one set-based INSERT, not 100k calls.
+    -- SECURITY DEFINER lets application roles write source tables without any grant on the
+    -- queue; the fixed search_path keeps such functions safe.
+    EXECUTE format(
+        $f$
+        CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        BEGIN
+            WITH changed AS (SELECT n.%I AS id, %s AS content FROM new_rows AS n)
+            %s;
+            RETURN NULL;
+        END;
+        $body$
+        $f$, qs, fn || '_ins', idcol, expr_n, upsert);
+
+    -- Only rows whose content expression changed are queued; a key change counts as a
+    -- delete of the old key plus an insert of the new one. Content that became blank
+    -- removes the queue row (its embedding is cleared by the BEFORE trigger below).
+    EXECUTE format(
+        $f$
+        CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        BEGIN
+            DELETE FROM %s AS q
+             USING (SELECT o.%I AS id FROM old_rows AS o
+                     WHERE NOT EXISTS (SELECT 1 FROM new_rows AS n WHERE n.%I = o.%I)
+                    UNION ALL
+                    SELECT n.%I FROM new_rows AS n
+                     WHERE %s(%s)) AS d
+             WHERE q.table_name = %L AND q.embedding_column = %L AND q.record_id = d.id::text;
+            WITH changed AS (
+                SELECT n.%I AS id, %s AS content
+                  FROM new_rows AS n LEFT JOIN old_rows AS o ON o.%I = n.%I
+                 WHERE o.%I IS NULL OR (%s) IS DISTINCT FROM (%s))
+            %s;
+            RETURN NULL;
+        END;
+        $body$
+        $f$, qs, fn || '_upd',
+        queue, idcol, idcol, idcol, idcol, blank, expr_n,
+        label, p_embedding_column,
+        idcol, expr_n, idcol, idcol, idcol, expr_n, expr_o, upsert);
+
+    EXECUTE format(
+        $f$
+        CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        BEGIN
+            DELETE FROM %s AS q USING old_rows AS o
+             WHERE q.table_name = %L AND q.embedding_column = %L AND q.record_id = o.%I::text;
+            RETURN NULL;
+        END;
+        $body$
+        $f$, qs, fn || '_del', queue, label, p_embedding_column, idcol);
+
+    EXECUTE format(
+        $f$
+        CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        BEGIN
+            DELETE FROM %s AS q WHERE q.table_name = %L AND q.embedding_column = %L;
+            RETURN NULL;
+        END;
+        $body$
+        $f$, qs, fn || '_trunc', queue, label, p_embedding_column);
+
+    -- Blank content clears the now-stale embedding in the row itself (no second UPDATE).
+    EXECUTE format(
+        $f$
+        CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+        LANGUAGE plpgsql AS $body$
+        BEGIN
+            %s
+            RETURN NEW;
+        END;
+        $body$
+        $f$, qs, fn || '_blank', clear_sets);
+
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_ins', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_upd', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_del', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_trunc', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_blank', p_table);
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+        'FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', fn || '_ins', p_table, qs, fn || '_ins');
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+        'FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', fn || '_upd', p_table, qs, fn || '_upd');
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+        'FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', fn || '_del', p_table, qs, fn || '_del');
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()',
+        fn || '_trunc', p_table, qs, fn || '_trunc');
+    -- The WHEN clause is evaluated without a function call, so rows with content pay nothing.
+    EXECUTE format(
+        'CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON %s FOR EACH ROW '
+        'WHEN (NEW.%I IS NOT NULL AND %s(%s)) EXECUTE FUNCTION %I.%I()',
+        fn || '_blank', p_table, p_embedding_column, blank,
+        embedding_queue_content_sql(cols, p_template, 'new'), qs, fn || '_blank');
+
+    INSERT INTO embedding_targets AS t (
+        table_name, embedding_column, schema_name, relation_name, id_column, id_type,
+        content_columns, content_template, column_type, dimensions, model, model_column,
+        generated_at_column, trigger_suffix)
+    VALUES (label, p_embedding_column, nsp, rel, idcol, idtype, cols, p_template, kind, dims,
+            p_model, p_model_column, p_generated_at_column, suffix)
+    ON CONFLICT (table_name, embedding_column) DO UPDATE
+       SET schema_name = EXCLUDED.schema_name, relation_name = EXCLUDED.relation_name,
+           id_column = EXCLUDED.id_column, id_type = EXCLUDED.id_type,
+           content_columns = EXCLUDED.content_columns, content_template = EXCLUDED.content_template,
+           column_type = EXCLUDED.column_type, dimensions = EXCLUDED.dimensions,
+           model = EXCLUDED.model, model_column = EXCLUDED.model_column,
+           generated_at_column = EXCLUDED.generated_at_column, updated_at = now();
+
+    IF p_backfill <> 'none' THEN
+        PERFORM embedding_queue_backfill(label, p_embedding_column, p_backfill);
+    END IF;
+    RETURN label;
+END;
+$$;
+
+-- Remove a target: its triggers, generated functions, registry row and queue rows.
+CREATE FUNCTION embedding_unregister_target(p_table_name text, p_embedding_column text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    t embedding_targets;
+    fn text;
+    part text;
+    qs text := embedding_queue_nsp();
+BEGIN
+    SELECT * INTO t FROM embedding_targets
+     WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    fn := 'embedding_queue_t' || t.trigger_suffix;
+    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank'] LOOP
+        IF to_regclass(format('%I.%I', t.schema_name, t.relation_name)) IS NOT NULL THEN
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %I.%I', fn || part, t.schema_name, t.relation_name);
+        END IF;
+        EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', qs, fn || part);
+    END LOOP;
+    DELETE FROM embedding_queue
+     WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
+    DELETE FROM embedding_targets
+     WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
+    RETURN true;
+END;
+$$;
