@@ -8,14 +8,17 @@ error, 3 database unavailable.
 from __future__ import annotations
 
 import argparse
+import re
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
 
 import anyio
 import structlog
 from pydantic import ValidationError
 
-from queue_processor import queue
+from queue_processor import queue, render
 from queue_processor.db import Database
 from queue_processor.errors import (
     ConfigurationError,
@@ -25,7 +28,11 @@ from queue_processor.errors import (
 )
 from queue_processor.logconfig import configure_logging
 from queue_processor.migrations import check_schema, migrate
+from queue_processor.models import Target
+from queue_processor.providers.base import EmbeddingProvider, RateLimiter
+from queue_processor.providers.openai import OpenAIProvider
 from queue_processor.settings import Settings
+from queue_processor.worker import RunMode, RunSummary, Worker, WorkerConfig, default_owner
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +40,11 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_DB = 3
+
+
+class UsageError(QueueProcessorError):
+    """The command line asks for something that cannot be done (exit 2)."""
+
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -76,8 +88,13 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     template = args.template.encode().decode("unicode_escape") if args.template else None
+    if args.create_column and not args.dimensions:
+        raise UsageError("--create-column needs --dimensions N")
     async with open_database(settings, max_size=1) as db:
         await check_schema(db)
+        if args.create_column:
+            kind = await queue.add_embedding_column(db, args.table, args.column, args.dimensions)
+            out(f"column {args.column} is {kind}({args.dimensions})")
         label = await queue.register_target(
             db,
             args.table,
@@ -91,6 +108,13 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             generated_at_column=args.generated_at_column,
             backfill="all" if args.backfill == "all" else "missing" if args.backfill else "none",
         )
+        if args.index:
+            target = await _find_target(db, label, args.column)
+            index = await queue.create_hnsw_index(db, target)
+            out(f"index {index} (hnsw, cosine, m=16, ef_construction=64)")
+        if args.backfill:
+            pending = await queue.status(db, failures_limit=0)
+            out(f"queued for embedding: {pending.summary['pending']} pending item(s)")
     out(f"registered {label}.{args.column}")
     return EXIT_OK
 
@@ -103,12 +127,400 @@ async def cmd_unregister(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if removed else EXIT_FAILED
 
 
+def build_provider(settings: Settings) -> EmbeddingProvider:
+    """The configured embedding provider (EMBEDDING_PROVIDER, else OpenAI when a base URL or
+    key is configured)."""
+    choice = settings.embedding_provider or "openai"
+    limiter = RateLimiter(
+        settings.embedding_requests_per_minute, settings.embedding_tokens_per_minute
+    )
+    if choice == "openai":
+        return OpenAIProvider(
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key,
+            model=settings.embedding_model,
+            dimensions=settings.embedding_dimensions,
+            timeout_seconds=settings.request_timeout_seconds,
+            connect_timeout_seconds=settings.connect_timeout_seconds,
+            max_inputs_per_request=settings.embedding_max_inputs_per_request,
+            max_tokens_per_request=settings.embedding_max_tokens_per_request,
+            max_concurrent_requests=settings.embedding_max_concurrent_requests,
+            max_retries=settings.provider_max_retries,
+            rate_limiter=limiter,
+        )
+    raise ConfigurationError(f"EMBEDDING_PROVIDER={choice!r} is not available in this build")
+
+
+def worker_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
+    """Worker settings: command-line flags override the environment."""
+    return WorkerConfig(
+        batch_size=args.batch_size or settings.batch_size,
+        delay_ms=settings.delay_ms if args.delay_ms is None else args.delay_ms,
+        concurrency=args.concurrency or settings.concurrency,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+        retry_base_seconds=settings.retry_base_seconds,
+        retry_max_seconds=settings.retry_max_seconds,
+        poll_interval_seconds=settings.poll_interval_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        owner=settings.worker_name or default_owner(),
+    )
+
+
+async def _handle_signals(worker: Worker) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: abort at once (leases cover it)."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if worker.stopping:
+                log.warning("worker_abort", signal=signal.Signals(signum).name)
+                worker.abort()
+                return
+            log.info("worker_stop_requested", signal=signal.Signals(signum).name)
+            worker.stop()
+
+
+async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    mode: RunMode = "drain" if args.drain else "once" if args.once else "continuous"
+    config = worker_config(args, settings)
+    async with (
+        open_database(settings, max_size=max(4, config.concurrency * 2 + 2)) as db,
+        build_provider(settings) as provider,
+    ):
+        await check_schema(db)
+        worker = Worker(db, provider, config)
+        log.info(
+            "worker_started",
+            mode=mode,
+            owner=config.owner,
+            batch_size=config.batch_size,
+            delay_ms=config.delay_ms,
+            concurrency=config.concurrency,
+            provider=provider.name,
+            model=provider.model,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_handle_signals, worker)
+            summary = await worker.run(mode)
+            tg.cancel_scope.cancel()
+    aborted = worker.aborted
+    if mode != "continuous" or aborted:
+        _print_summary(summary)
+    if aborted:
+        return 130
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _print_summary(summary: RunSummary) -> None:
+    total = summary.processed + summary.failed + summary.skipped
+    rate = 100.0 * summary.processed / total if total else 100.0
+    out("=== PROCESSING SUMMARY ===")
+    out(f"Total records processed: {summary.processed}")
+    out(f"Total errors: {summary.failed}")
+    out(f"Skipped (source row gone): {summary.skipped}")
+    out(f"Retried later: {summary.retried}")
+    out(f"Success rate: {rate:.1f}%")
+    out(f"Duration: {summary.duration_seconds:.2f}s ({summary.rows_per_second:.1f} rows/s)")
+    out(f"Tokens: {summary.tokens} in {summary.requests} requests")
+
+
 async def cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
     out(resolve_dsn(settings))
     return EXIT_OK
 
 
+async def cmd_db_stop(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.database_url is not None:
+        raise UsageError("DATABASE_URL is set: there is no embedded database to stop")
+    from queue_processor.embedded import default_data_dir, stop_embedded
+
+    where = (settings.data_dir or default_data_dir()) / "pgdata"
+    out(
+        f"stopped the embedded PostgreSQL in {where}"
+        if stop_embedded(settings.data_dir)
+        else "not running"
+    )
+    return EXIT_OK
+
+
+# --- operator commands ------------------------------------------------------------------
+
+
+async def _find_target(db: Database, table: str, column: str | None) -> Target:
+    """The registered target for TABLE (label, or schema-qualified) and optional --column."""
+    wanted = table.removeprefix("public.")
+    candidates = [
+        t
+        for t in await queue.list_targets(db)
+        if wanted in (t.table_name, f"{t.schema_name}.{t.relation_name}")
+        and (column is None or t.embedding_column == column)
+    ]
+    if not candidates:
+        suffix = f" column {column!r}" if column else ""
+        raise UsageError(
+            f"no registered target for table {table!r}{suffix}: see `queue-processor status` "
+            "or register it with `queue-processor register`"
+        )
+    if len(candidates) > 1:
+        columns = ", ".join(sorted(t.embedding_column for t in candidates))
+        raise UsageError(f"{table} has several targets ({columns}): pass --column")
+    return candidates[0]
+
+
+def parse_id_spec(spec: str, target: Target) -> list[str]:
+    """Expand the seeds' id syntax '1,5,10-20,100-200' (ranges only for integer keys)."""
+    ids: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        if sep and low.strip().lstrip("-").isdigit() and high.strip().isdigit():
+            if target.id_type not in ("smallint", "integer", "bigint"):
+                raise UsageError(
+                    f"ranges need an integer key; {target.table_name} has {target.id_type}"
+                )
+            start, end = int(low), int(high)
+            if end < start:
+                raise UsageError(f"empty range {part!r}")
+            if end - start > 10_000_000:
+                raise UsageError(f"range {part!r} is too large")
+            ids.extend(str(i) for i in range(start, end + 1))
+        else:
+            ids.append(part)
+    if not ids:
+        raise UsageError("--ids names no ids")
+    return ids
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    console = render.stdout_console()
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        if args.json:
+            report = await queue.status(db, failures_limit=args.failures)
+            out(
+                render.dumps(
+                    render.status_json(report, settings.embedding_price_per_million_tokens)
+                )
+            )
+            return EXIT_OK
+        if not args.watch:
+            report = await queue.status(db, failures_limit=args.failures)
+            console.print(
+                render.status_renderable(report, settings.embedding_price_per_million_tokens)
+            )
+            return EXIT_OK
+        from rich.live import Live
+
+        report = await queue.status(db, failures_limit=args.failures)
+        with Live(
+            render.status_renderable(report, settings.embedding_price_per_million_tokens),
+            console=console,
+            auto_refresh=False,
+        ) as live:
+            while True:
+                await anyio.sleep(args.interval)
+                report = await queue.status(db, failures_limit=args.failures)
+                live.update(
+                    render.status_renderable(report, settings.embedding_price_per_million_tokens),
+                    refresh=True,
+                )
+
+
+async def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        record_ids: list[str] | None = None
+        table_name = args.table
+        if args.ids:
+            if not args.table:
+                raise UsageError("--ids needs --table")
+            target = await _find_target(db, args.table, args.column)
+            table_name = target.table_name
+            record_ids = parse_id_spec(args.ids, target)
+        elif args.table:
+            table_name = args.table.removeprefix("public.")
+        rows = await queue.requeue_failed(
+            db,
+            table_name=table_name,
+            column=args.column,
+            record_ids=record_ids,
+            error_contains=args.error,
+            dry_run=args.dry_run,
+        )
+    if args.json:
+        out(render.dumps({"dry_run": args.dry_run, "count": len(rows), "items": rows}))
+    else:
+        verb = "would requeue" if args.dry_run else "requeued"
+        out(f"{verb} {len(rows)} failed item(s)")
+        if args.dry_run and rows:
+            render.stdout_console().print(
+                render.rows_table(
+                    "failed items",
+                    rows[:50],
+                    ["id", "table_name", "embedding_column", "record_id", "error_message"],
+                )
+            )
+    return EXIT_OK
+
+
+async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        target = await _find_target(db, args.table, args.column)
+        ids = parse_id_spec(args.ids, target) if args.ids else None
+        mode: Literal["missing", "all", "ids"] = "ids" if ids else "all" if args.all else "missing"
+        with render.stdout_console().status(f"queueing {target.table_name} ({mode})..."):
+            queued = await queue.backfill(db, target.table_name, target.embedding_column, mode, ids)
+    if args.json:
+        out(
+            render.dumps(
+                {
+                    "table": target.table_name,
+                    "column": target.embedding_column,
+                    "mode": mode,
+                    "queued": queued,
+                }
+            )
+        )
+    else:
+        out(f"queued {queued} row(s) of {target.table_name}.{target.embedding_column} ({mode})")
+    return EXIT_OK
+
+
+async def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
+    model = settings.embedding_model
+    price = render.price_per_million(model, settings.embedding_price_per_million_tokens)
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        if args.table:
+            target = await _find_target(db, args.table, args.column)
+            mode: Literal["missing", "all"] = "all" if args.all else "missing"
+            items, tokens = await queue.estimate_target(
+                db, target.table_name, target.embedding_column, mode
+            )
+            rows: list[dict[str, Any]] = [
+                {
+                    "table_name": target.table_name,
+                    "embedding_column": target.embedding_column,
+                    "items": items,
+                    "tokens": tokens,
+                    "scope": f"backfill ({mode})",
+                }
+            ]
+        else:
+            rows = [dict(r, scope="queued") for r in await queue.estimate_pending(db)]
+    items = sum(int(r["items"]) for r in rows)
+    tokens = sum(int(r["tokens"]) for r in rows)
+    requests = sum(-(-int(r["items"]) // settings.embedding_max_inputs_per_request) for r in rows)
+    minutes: list[float] = []
+    if settings.embedding_requests_per_minute:
+        minutes.append(requests / settings.embedding_requests_per_minute)
+    if settings.embedding_tokens_per_minute:
+        minutes.append(tokens / settings.embedding_tokens_per_minute)
+    result = {
+        "model": model,
+        "targets": rows,
+        "items": items,
+        "estimated_tokens": tokens,
+        "estimated_requests": requests,
+        "price_per_million_tokens_usd": price,
+        "estimated_cost_usd": None if price is None else tokens * price / 1e6,
+        "minutes_at_rate_limits": max(minutes) if minutes else None,
+    }
+    if args.json:
+        out(render.dumps(result))
+        return EXIT_OK
+    render.stdout_console().print(
+        render.rows_table(
+            "estimate (nothing is sent)",
+            rows,
+            ["scope", "table_name", "embedding_column", "items", "tokens"],
+        )
+    )
+    cost = (
+        "unknown (set EMBEDDING_PRICE_PER_MILLION_TOKENS)"
+        if price is None
+        else f"${tokens * price / 1e6:.4f} at ${price}/1M tokens"
+    )
+    out(f"{items} item(s), ~{tokens} tokens, ~{requests} request(s) with model {model}: {cost}")
+    if minutes:
+        out(f"time at the configured rate limits: ~{max(minutes):.1f} min")
+    else:
+        out(
+            "time: no rate limits configured "
+            "(EMBEDDING_REQUESTS_PER_MINUTE / EMBEDDING_TOKENS_PER_MINUTE)"
+        )
+    return EXIT_OK
+
+
+async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_database(settings, max_size=1) as db, build_provider(settings) as provider:
+        await check_schema(db)
+        target = await _find_target(db, args.table, args.column)
+        result = await provider.embed([args.text])
+        vector = result.vectors[0]
+        if vector is None:
+            raise PermanentError(f"the provider could not embed the query: {result.errors.get(0)}")
+        rows = await queue.search(db, target, vector, args.k)
+    if args.json:
+        out(render.dumps({"query": args.text, "results": rows}))
+    else:
+        render.stdout_console().print(
+            render.rows_table(
+                f"nearest to {args.text!r} in {target.table_name}",
+                rows,
+                ["id", "distance", "content"],
+            )
+        )
+    return EXIT_OK
+
+
+async def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        deleted = await queue.purge(db, args.older_than)
+    if args.json:
+        out(render.dumps({"deleted": deleted}))
+    else:
+        out(f"deleted {deleted} done item(s) older than {args.older_than:.0f}s")
+    return EXIT_OK
+
+
+async def cmd_grant_worker(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        n = await queue.grant_worker(db, args.role)
+    out(f"granted {args.role} the worker's privileges on the queue and {n} target(s)")
+    return EXIT_OK
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'7d', '12h', '30m', '90s' or plain seconds -> seconds."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration (e.g. 7d, 12h, 30m): {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
 # --- parser -----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-column", help="companion column filled with the model name")
     p.add_argument("--generated-at-column", help="companion column filled with the write time")
     p.add_argument(
+        "--create-column",
+        action="store_true",
+        help="add the column as vector(N) (halfvec above 2000 dims); needs --dimensions",
+    )
+    p.add_argument("--index", choices=["hnsw"], help="create a cosine HNSW index for search")
+    p.add_argument(
         "--backfill",
         nargs="?",
         const="missing",
@@ -155,8 +573,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--column", required=True)
     p.set_defaults(func=cmd_unregister)
 
-    p = sub.add_parser("db-url", help="print the database DSN (starts the embedded one)")
+    p = sub.add_parser(
+        "run",
+        help="process the queue (continuously, --drain or --once)",
+        description="Claim batches, embed them, write the vectors and mark items done.",
+    )
+    p.add_argument("--batch-size", type=_positive_int, help="items per batch (default 100)")
+    p.add_argument(
+        "--delay-ms", type=_non_negative_int, help="pause between batches in ms (default 0)"
+    )
+    p.add_argument("--concurrency", type=_positive_int, help="batches in flight (default 1)")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument(
+        "--drain", action="store_true", help="exit when nothing is claimable, with a summary"
+    )
+    once.add_argument("--once", action="store_true", help="process one batch and exit")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "status", help="queue counts by table/column/status, age, throughput, cost, failures"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="--watch refresh seconds")
+    p.add_argument("--failures", type=_positive_int, default=10, help="recent failures to show")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("requeue", help="move failed items back to pending")
+    p.add_argument("--table", help="only this table")
+    p.add_argument("--column", help="only this embedding column")
+    p.add_argument("--ids", help="only these record ids: 1,5,10-20 (needs --table)")
+    p.add_argument("--error", help="only items whose error message contains this text")
+    p.add_argument("--dry-run", action="store_true", help="show what would move")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_requeue)
+
+    p = sub.add_parser("enqueue", help="queue rows of a registered table")
+    p.add_argument("table")
+    p.add_argument("--column", help="embedding column (needed when the table has several)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--missing", action="store_true", help="rows whose embedding is NULL (default)"
+    )
+    which.add_argument("--all", "--force", action="store_true", help="every row (re-embed)")
+    which.add_argument("--ids", help="these ids: 1,5,10-20,100-200")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("estimate", help="tokens, cost and time of queued work (sends nothing)")
+    p.add_argument(
+        "table", nargs="?", help="estimate a backfill of this table instead of the queue"
+    )
+    p.add_argument("--column")
+    p.add_argument(
+        "--all", "--force", action="store_true", help="with TABLE: every row, not only missing"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("search", help="nearest rows to a text by cosine distance")
+    p.add_argument("table")
+    p.add_argument("text")
+    p.add_argument("-k", type=_positive_int, default=5, help="how many rows (default 5)")
+    p.add_argument("--column")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("purge", help="delete done items older than an age")
+    p.add_argument(
+        "--older-than",
+        type=parse_duration,
+        default=parse_duration("7d"),
+        help="age, e.g. 7d (default), 12h",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("grant-worker", help="grant a database role the worker's least privileges")
+    p.add_argument("role")
+    p.set_defaults(func=cmd_grant_worker)
+
+    p = sub.add_parser(
+        "db-url",
+        help="print the database DSN (starts the embedded PostgreSQL when DATABASE_URL is unset)",
+    )
     p.set_defaults(func=cmd_db_url)
+
+    p = sub.add_parser("db-stop", help="stop the embedded PostgreSQL")
+    p.set_defaults(func=cmd_db_stop)
     return parser
 
 
@@ -173,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         result: int = anyio.run(_call, func, args, settings)
-    except ConfigurationError as exc:
+    except (ConfigurationError, UsageError) as exc:
         sys.stderr.write(f"queue-processor: {exc}\n")
         return EXIT_CONFIG
     except DatabaseUnavailable as exc:

@@ -11,7 +11,7 @@ used to ship vectors, and translates driver errors into queue_processor's except
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, cast
 
@@ -151,6 +151,9 @@ class Database:
         connect_timeout_seconds: float = 10.0,
     ) -> None:
         self.schema = schema
+        self._dsn = dsn
+        self._application_name = application_name
+        self._connect_timeout_seconds = connect_timeout_seconds
         self._pool = AsyncConnectionPool(
             dsn,
             min_size=min_size,
@@ -204,6 +207,23 @@ class Database:
                 conn.row_factory = dict_row
                 await conn.set_autocommit(autocommit)
                 yield cast(psycopg.AsyncConnection[Row], conn)
+
+    async def listen(self, channel: str, on_notify: Callable[[], None]) -> None:
+        """LISTEN on ``channel`` over a dedicated connection, calling ``on_notify`` for each
+        notification, until cancelled. Raises DatabaseUnavailable when the connection drops
+        (the caller decides how to back off and listen again)."""
+        with translate_errors():
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn,
+                autocommit=True,
+                application_name=f"{self._application_name}-listen",
+                connect_timeout=max(1, int(self._connect_timeout_seconds)),
+            )
+            async with conn:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                on_notify()  # anything queued while we were not listening
+                async for _ in conn.notifies():
+                    on_notify()
 
     # --- plain statement helpers -------------------------------------------------------
 

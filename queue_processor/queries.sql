@@ -59,3 +59,262 @@ SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_t
        generated_at_column
   FROM embedding_targets
  ORDER BY table_name, embedding_column;
+
+-- name: claim_batch
+-- Claim up to %(limit)s claimable items for one worker and commit at once (no HTTP inside).
+-- Two kinds of row are claimable: pending rows that are due (read in next_attempt_at order
+-- through the partial index embedding_queue_pending_idx, so done rows cost nothing), and
+-- processing rows whose lease expired because their worker died or stalled (through
+-- embedding_queue_lease_idx). FOR UPDATE SKIP LOCKED lets many workers claim concurrently
+-- without waiting on or double-claiming each other's rows. Each CTE locks at most %(limit)s
+-- rows; extra rows locked by the second are released when this statement commits.
+-- attempts counts claims, so a row whose worker keeps dying still runs out of attempts:
+-- a reclaimed row that has used them all ends failed instead of being claimed again.
+WITH due AS (
+    SELECT id, false AS reclaimed
+      FROM embedding_queue
+     WHERE status = 'pending' AND next_attempt_at <= now()
+     ORDER BY next_attempt_at, id
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), expired AS (
+    SELECT id, true AS reclaimed
+      FROM embedding_queue
+     WHERE status = 'processing' AND lease_expires_at < now()
+     ORDER BY lease_expires_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id, reclaimed FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) AS c
+     LIMIT %(limit)s
+)
+UPDATE embedding_queue AS q
+   SET status = CASE WHEN p.reclaimed AND q.attempts >= %(max_attempts)s
+                     THEN 'failed' ELSE 'processing' END,
+       error_message = CASE WHEN p.reclaimed AND q.attempts >= %(max_attempts)s
+                            THEN format('lease expired %%s times (worker crashed or stalled '
+                                        'while processing this item)', q.attempts)
+                            ELSE q.error_message END,
+       attempts = q.attempts + CASE WHEN p.reclaimed AND q.attempts >= %(max_attempts)s
+                                    THEN 0 ELSE 1 END,
+       claimed_by = %(owner)s,
+       claim_token = %(token)s,
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       updated_at = now()
+  FROM picked AS p
+ WHERE q.id = p.id
+RETURNING q.id, q.table_name, q.record_id, q.embedding_column, q.content, q.attempts,
+          q.generation, q.status, p.reclaimed;
+
+-- name: renew_leases
+-- Extend the lease of items this claim still holds (a slow batch is not stolen).
+UPDATE embedding_queue
+   SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+ WHERE id = ANY(%(ids)s::bigint[]) AND status = 'processing' AND claim_token = %(token)s;
+
+-- name: lock_source_rows
+-- Lock the source rows a batch will write, in key order, before touching the queue rows:
+-- the same order as the enqueue triggers (source row, then queue row), so a concurrent
+-- content change and our completion cannot deadlock. Matches through the key's own index
+-- (the parameter is cast to the key type, the column is never cast).
+SELECT 1 FROM {schema}.{table}
+ WHERE {id_column} = ANY(%(ids)s::{id_type}[])
+ ORDER BY {id_column}
+   FOR NO KEY UPDATE;
+
+-- name: lock_valid_claims
+-- Lock the queue rows this claim still owns: still processing with our token. A row
+-- requeued by an operator, re-pended by a content change or reclaimed after its lease
+-- expired fails this test and gets nothing written.
+SELECT id FROM embedding_queue
+ WHERE id = ANY(%(ids)s::bigint[]) AND status = 'processing' AND claim_token = %(token)s
+ ORDER BY id
+   FOR UPDATE;
+
+-- name: write_vectors
+-- Write a batch of vectors of one target in one statement. %(vectors)b is every vector of the
+-- batch concatenated into one binary real[]; row k takes its slice. real[] converts to the
+-- column type by assignment (pgvector's vector/halfvec casts, real[] -> double precision[]);
+-- {value} is to_jsonb(v.vec) for jsonb. The EXISTS re-checks the claim (locked above).
+UPDATE {schema}.{table} AS t
+   SET {column} = {value}{companions}
+  FROM (SELECT k.id, k.qid,
+               (%(vectors)b::real[])[(k.ord - 1) * %(dims)s + 1 : k.ord * %(dims)s] AS vec
+          FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[]) WITH ORDINALITY AS k(id, qid, ord)
+       ) AS v
+ WHERE t.{id_column} = v.id
+   AND EXISTS (SELECT 1 FROM embedding_queue AS q
+                WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
+RETURNING v.qid;
+
+-- name: write_vectors_bytea
+-- As write_vectors, for bytea targets: each vector arrives as little-endian float32 bytes.
+UPDATE {schema}.{table} AS t
+   SET {column} = v.blob{companions}
+  FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[], %(blobs)s::bytea[]) AS v(id, qid, blob)
+ WHERE t.{id_column} = v.id
+   AND EXISTS (SELECT 1 FROM embedding_queue AS q
+                WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
+RETURNING v.qid;
+
+-- name: ack_done
+-- Mark written items done (same transaction as the write). Items whose source row was gone
+-- are done too, with a detail saying nothing was written: retrying could never succeed.
+UPDATE embedding_queue AS q
+   SET status = 'done', processed_at = now(), updated_at = now(), error_message = NULL,
+       claim_token = NULL, lease_expires_at = NULL,
+       detail = CASE WHEN q.id = ANY(%(missing)s::bigint[])
+                     THEN 'source row not found; nothing written' END
+ WHERE q.id = ANY(%(ids)s::bigint[]) AND q.status = 'processing' AND q.claim_token = %(token)s
+RETURNING q.id;
+
+-- name: fail_items
+-- Permanent failures: each item ends failed with its own message.
+UPDATE embedding_queue AS q
+   SET status = 'failed', error_message = f.message, processed_at = now(), updated_at = now(),
+       claim_token = NULL, lease_expires_at = NULL
+  FROM unnest(%(ids)s::bigint[], %(messages)s::text[]) AS f(id, message)
+ WHERE q.id = f.id AND q.status = 'processing' AND q.claim_token = %(token)s
+RETURNING q.id;
+
+-- name: retry_items
+-- Transient failure: back to pending with exponential backoff and jitter (never sooner than
+-- the provider's Retry-After), or failed once the attempts are used up.
+UPDATE embedding_queue AS q
+   SET status = CASE WHEN q.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+       error_message = %(message)s,
+       next_attempt_at = now() + make_interval(secs => greatest(
+           %(retry_after_seconds)s::float8,
+           least(%(max_seconds)s::float8,
+                 %(base_seconds)s::float8 * power(2, greatest(q.attempts - 1, 0)))
+           * (0.5 + random() / 2))),
+       processed_at = CASE WHEN q.attempts >= %(max_attempts)s THEN now() END,
+       updated_at = now(), claim_token = NULL, lease_expires_at = NULL
+ WHERE q.id = ANY(%(ids)s::bigint[]) AND q.status = 'processing' AND q.claim_token = %(token)s
+RETURNING q.id, q.status;
+
+-- name: release_items
+-- Give back claimed items that were never worked on (shutdown): pending again, due now, and
+-- the claim does not count as an attempt.
+UPDATE embedding_queue AS q
+   SET status = 'pending', attempts = greatest(q.attempts - 1, 0), next_attempt_at = now(),
+       updated_at = now(), claim_token = NULL, lease_expires_at = NULL
+ WHERE q.id = ANY(%(ids)s::bigint[]) AND q.status = 'processing' AND q.claim_token = %(token)s
+RETURNING q.id;
+
+-- name: record_usage
+-- Account one batch's provider usage (same transaction as its acknowledgement).
+INSERT INTO embedding_usage (owner, model, items, tokens, requests)
+VALUES (%(owner)s, %(model)s, %(items)s, %(tokens)s, %(requests)s);
+
+-- name: status_counts
+-- Counts by table, column and status (the seed's status query, per column).
+SELECT table_name, embedding_column, status, count
+  FROM embedding_queue_status
+ ORDER BY table_name, embedding_column, status;
+
+-- name: status_summary
+-- Depth, oldest pending age and throughput (one row).
+SELECT * FROM embedding_queue_summary;
+
+-- name: usage_summary
+-- Tokens and requests per model.
+SELECT * FROM embedding_usage_summary ORDER BY model NULLS FIRST;
+
+-- name: recent_failures
+-- The newest failures with their error messages.
+SELECT id, table_name, embedding_column, record_id, attempts, error_message, updated_at
+  FROM embedding_queue_failures
+ LIMIT %(limit)s;
+
+-- name: requeue_failed
+-- failed -> pending for the rows matching every given filter (NULL filter = any); the
+-- requeue trigger resets attempts, backoff and claim. dry_run returns the rows untouched.
+WITH matched AS (
+    SELECT id FROM embedding_queue
+     WHERE status = 'failed'
+       AND (%(table_name)s::text IS NULL OR table_name = %(table_name)s)
+       AND (%(column)s::text IS NULL OR embedding_column = %(column)s)
+       AND (%(record_ids)s::text[] IS NULL OR record_id = ANY(%(record_ids)s::text[]))
+       AND (%(error_like)s::text IS NULL OR error_message ILIKE %(error_like)s)
+), moved AS (
+    UPDATE embedding_queue AS q
+       SET status = 'pending', error_message = NULL
+      FROM matched
+     WHERE q.id = matched.id AND NOT %(dry_run)s
+    RETURNING q.id
+)
+SELECT q.id, q.table_name, q.embedding_column, q.record_id, q.error_message
+  FROM embedding_queue AS q JOIN matched USING (id)
+ ORDER BY q.id;
+
+-- name: purge_done
+-- Delete done rows older than the given age (uses embedding_queue_done_idx).
+DELETE FROM embedding_queue
+ WHERE status = 'done' AND processed_at < now() - make_interval(secs => %(older_than_seconds)s);
+
+-- name: purge_usage
+-- Delete usage rows older than the given age.
+DELETE FROM embedding_usage WHERE at < now() - make_interval(secs => %(older_than_seconds)s);
+
+-- name: estimate_pending
+-- Pending work for the estimate: items and an estimated token count (4 bytes per token,
+-- the same estimate the providers use) per target.
+SELECT table_name, embedding_column, count(*) AS items,
+       coalesce(sum(greatest(1, ceil(octet_length(content) / 4.0))), 0)::bigint AS tokens
+  FROM embedding_queue
+ WHERE status IN ('pending', 'processing') AND content IS NOT NULL
+ GROUP BY table_name, embedding_column
+ ORDER BY table_name, embedding_column;
+
+-- name: vector_type
+-- The schema and name of a vector/halfvec target column's type (pgvector may live in any
+-- schema, e.g. Supabase's extensions), for the search query's cast.
+SELECT n.nspname AS type_schema, t.typname AS type_name
+  FROM pg_attribute a
+  JOIN pg_type t ON t.oid = a.atttypid
+  JOIN pg_namespace n ON n.oid = t.typnamespace
+ WHERE a.attrelid = (quote_ident(%(schema)s) || '.' || quote_ident(%(table)s))::regclass
+   AND a.attname = %(column)s;
+
+-- name: search_nearest
+-- The k rows nearest to the query vector by cosine distance; ORDER BY the <=> operator on
+-- the column itself so an HNSW (vector_cosine_ops) index serves it.
+SELECT t.{id_column}::text AS id, left({content}, 160) AS content,
+       t.{column} <=> %(query)b::real[]::{vtype} AS distance
+  FROM {schema}.{table} AS t
+ WHERE t.{column} IS NOT NULL
+ ORDER BY t.{column} <=> %(query)b::real[]::{vtype}
+ LIMIT %(k)s;
+
+-- name: estimate_target
+-- Rows and estimated tokens a backfill of one target would send (nothing is queued).
+SELECT items, tokens FROM embedding_queue_estimate(%(table_name)s, %(column)s, %(mode)s);
+
+-- name: grant_worker
+-- Grant a role the worker's least privileges (see 0003_operations.sql).
+SELECT embedding_grant_worker(%(role)s) AS targets;
+
+-- name: vector_extension_schema
+-- Where pgvector is installed (NULL when it is not).
+SELECT n.nspname AS schema FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+ WHERE e.extname = 'vector';
+
+-- name: create_vector_extension
+-- Install pgvector (needs the privilege to create extensions).
+CREATE EXTENSION IF NOT EXISTS vector;
+
+-- name: add_embedding_column
+-- Add a vector/halfvec target column of fixed dimensions if it does not exist.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {vtype};
+
+-- name: create_hnsw_index
+-- Cosine HNSW index (the seeds' parameters: m = 16, ef_construction = 64) for search.
+CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
+  WITH (m = 16, ef_construction = 64);
+
+-- name: resolve_table
+-- Schema and name of a table given as text ('docs', 'app.docs', '"My Schema"."My Table"').
+SELECT n.nspname AS schema_name, c.relname AS relation_name
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = %(table)s::regclass;

@@ -6,13 +6,29 @@ queries.sql. The worker never sees SQL text.
 
 from __future__ import annotations
 
+import uuid
+from collections import defaultdict
 from collections.abc import Sequence
-from typing import Literal, cast
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
+import numpy as np
+import numpy.typing as npt
 import structlog
+from psycopg import sql
 
-from queue_processor.db import Database, Row, statement
-from queue_processor.models import ColumnType, IdType, Target
+from queue_processor import targets
+from queue_processor.db import Database, Row, float4_array, statement
+from queue_processor.errors import PermanentError
+from queue_processor.models import (
+    Claim,
+    ClaimToken,
+    ColumnType,
+    IdType,
+    QueueId,
+    QueueItem,
+    Target,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -113,3 +129,441 @@ async def backfill(
         await db.execute(conn, statement("notify_queue"))
     assert row is not None
     return int(row["queued"])
+
+
+# --- the processing cycle: claim, renew, complete, retry, release -------------------------
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """What one claim statement returned: the live claim plus rows it failed outright."""
+
+    claim: Claim
+    reclaimed: int
+    exhausted: tuple[QueueItem, ...]
+
+
+@dataclass(frozen=True)
+class Write:
+    """A vector ready to be written into a target for one claimed item."""
+
+    item: QueueItem
+    target: Target
+    key: str
+    vector: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Provider usage of one batch, recorded with its acknowledgement."""
+
+    owner: str
+    items: int
+    tokens: int
+    requests: int
+
+
+@dataclass(frozen=True)
+class CompleteResult:
+    """Outcome of one completion transaction, by item id."""
+
+    done: tuple[QueueId, ...]
+    missing: tuple[QueueId, ...]
+    failed: tuple[QueueId, ...]
+    lost: tuple[QueueId, ...]
+
+
+async def claim_batch(
+    db: Database,
+    *,
+    owner: str,
+    limit: int,
+    lease_seconds: float,
+    max_attempts: int,
+) -> ClaimResult:
+    """Claim up to ``limit`` items in one committed statement (see queries.sql)."""
+    token = ClaimToken(uuid.uuid4())
+    async with db.connection(autocommit=True) as conn:
+        rows = await db.fetch_all(
+            conn,
+            statement("claim_batch"),
+            {
+                "limit": limit,
+                "owner": owner,
+                "token": token,
+                "lease_seconds": lease_seconds,
+                "max_attempts": max_attempts,
+            },
+        )
+    items: list[QueueItem] = []
+    exhausted: list[QueueItem] = []
+    reclaimed = 0
+    for row in sorted(rows, key=lambda r: int(r["id"])):
+        item = QueueItem(
+            id=QueueId(int(row["id"])),
+            table_name=row["table_name"],
+            record_id=row["record_id"],
+            embedding_column=row["embedding_column"],
+            content=row["content"],
+            attempts=int(row["attempts"]),
+            generation=int(row["generation"]),
+        )
+        reclaimed += bool(row["reclaimed"])
+        (exhausted if row["status"] == "failed" else items).append(item)
+    return ClaimResult(Claim(token, owner, tuple(items)), reclaimed, tuple(exhausted))
+
+
+async def renew_leases(
+    db: Database, token: ClaimToken, ids: Sequence[QueueId], lease_seconds: float
+) -> int:
+    """Extend the lease of ``ids`` still held under ``token``; return how many were renewed."""
+    async with db.connection(autocommit=True) as conn:
+        return await db.execute(
+            conn,
+            statement("renew_leases"),
+            {"ids": list(ids), "token": token, "lease_seconds": lease_seconds},
+        )
+
+
+async def complete(
+    db: Database,
+    token: ClaimToken,
+    writes: Sequence[Write],
+    failures: Sequence[tuple[QueueItem, str]],
+    *,
+    model: str | None,
+    usage: Usage | None = None,
+) -> CompleteResult:
+    """Write vectors, mark them done and record permanent failures, in one transaction.
+
+    Only items still claimed under ``token`` are touched; the others ("lost": requeued,
+    re-pended by a content change, or reclaimed after lease expiry) get nothing written.
+    """
+    by_target: dict[tuple[str, str], list[Write]] = defaultdict(list)
+    for w in writes:
+        by_target[w.target.key].append(w)
+    all_ids = [w.item.id for w in writes] + [item.id for item, _ in failures]
+    written: set[QueueId] = set()
+    async with db.connection() as conn, conn.transaction():
+        # Source rows first, then queue rows: the enqueue triggers' lock order.
+        for key in sorted(by_target):
+            group = by_target[key]
+            await db.execute(
+                conn, targets.lock_statement(group[0].target), {"ids": [w.key for w in group]}
+            )
+        valid_rows = await db.fetch_all(
+            conn, statement("lock_valid_claims"), {"ids": all_ids, "token": token}
+        )
+        valid = {QueueId(int(r["id"])) for r in valid_rows}
+        for key in sorted(by_target):
+            group = [w for w in by_target[key] if w.item.id in valid]
+            if not group:
+                continue
+            rows = await db.fetch_all(
+                conn, targets.write_statement(group[0].target), _write_params(group, token, model)
+            )
+            written.update(QueueId(int(r["qid"])) for r in rows)
+        write_ids = [w.item.id for w in writes if w.item.id in valid]
+        missing = [i for i in write_ids if i not in written]
+        done_rows = await db.fetch_all(
+            conn,
+            statement("ack_done"),
+            {"ids": write_ids, "missing": missing, "token": token},
+        )
+        failed_rows: list[Row] = []
+        valid_failures = [(item, msg) for item, msg in failures if item.id in valid]
+        if valid_failures:
+            failed_rows = await db.fetch_all(
+                conn,
+                statement("fail_items"),
+                {
+                    "ids": [item.id for item, _ in valid_failures],
+                    "messages": [msg for _, msg in valid_failures],
+                    "token": token,
+                },
+            )
+        if usage is not None:
+            await db.execute(
+                conn,
+                statement("record_usage"),
+                {
+                    "owner": usage.owner,
+                    "model": model,
+                    "items": usage.items,
+                    "tokens": usage.tokens,
+                    "requests": usage.requests,
+                },
+            )
+    done = tuple(QueueId(int(r["id"])) for r in done_rows)
+    return CompleteResult(
+        done=done,
+        missing=tuple(missing),
+        failed=tuple(QueueId(int(r["id"])) for r in failed_rows),
+        lost=tuple(i for i in all_ids if i not in valid),
+    )
+
+
+def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "ids": [w.key for w in group],
+        "qids": [w.item.id for w in group],
+        "token": token,
+        "model": model,
+    }
+    if group[0].target.column_type == "bytea":
+        params["blobs"] = [targets.vector_bytes(w.vector) for w in group]
+        return params
+    dims = {int(w.vector.shape[0]) for w in group}
+    if len(dims) != 1:
+        raise ValueError(f"one write batch mixes vector dimensions {sorted(dims)}")
+    params["dims"] = dims.pop()
+    params["vectors"] = float4_array(np.concatenate([w.vector for w in group]))
+    return params
+
+
+async def fail(
+    db: Database, token: ClaimToken, failures: Sequence[tuple[QueueItem, str]]
+) -> tuple[QueueId, ...]:
+    """Mark items failed with their messages (only those still held under ``token``)."""
+    if not failures:
+        return ()
+    async with db.connection(autocommit=True) as conn:
+        rows = await db.fetch_all(
+            conn,
+            statement("fail_items"),
+            {
+                "ids": [item.id for item, _ in failures],
+                "messages": [msg for _, msg in failures],
+                "token": token,
+            },
+        )
+    return tuple(QueueId(int(r["id"])) for r in rows)
+
+
+async def schedule_retry(
+    db: Database,
+    token: ClaimToken,
+    items: Sequence[QueueItem],
+    message: str,
+    *,
+    max_attempts: int,
+    base_seconds: float,
+    max_seconds: float,
+    retry_after_seconds: float | None = None,
+) -> tuple[tuple[QueueId, ...], tuple[QueueId, ...]]:
+    """Send items back to pending with backoff; return (retried ids, failed ids).
+
+    Items that have used ``max_attempts`` end failed with ``message``.
+    """
+    if not items:
+        return (), ()
+    async with db.connection(autocommit=True) as conn:
+        rows = await db.fetch_all(
+            conn,
+            statement("retry_items"),
+            {
+                "ids": [i.id for i in items],
+                "token": token,
+                "message": message,
+                "max_attempts": max_attempts,
+                "base_seconds": base_seconds,
+                "max_seconds": max_seconds,
+                "retry_after_seconds": retry_after_seconds or 0.0,
+            },
+        )
+    retried = tuple(QueueId(int(r["id"])) for r in rows if r["status"] == "pending")
+    failed = tuple(QueueId(int(r["id"])) for r in rows if r["status"] == "failed")
+    return retried, failed
+
+
+async def release(db: Database, token: ClaimToken, ids: Sequence[QueueId]) -> int:
+    """Give back claimed items that were never worked on; return how many."""
+    if not ids:
+        return 0
+    async with db.connection(autocommit=True) as conn:
+        rows = await db.fetch_all(
+            conn, statement("release_items"), {"ids": list(ids), "token": token}
+        )
+    return len(rows)
+
+
+# --- operations: status, requeue, purge, estimate, search, grants ----------------------------
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Everything `status` shows."""
+
+    counts: list[Row]
+    summary: Row
+    usage: list[Row]
+    failures: list[Row]
+
+
+async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
+    """Counts by table/column/status, depth and throughput, usage, recent failures."""
+    async with db.connection() as conn:
+        counts = await db.fetch_all(conn, statement("status_counts"))
+        summary = await db.fetch_one(conn, statement("status_summary"))
+        usage = await db.fetch_all(conn, statement("usage_summary"))
+        failures = await db.fetch_all(conn, statement("recent_failures"), {"limit": failures_limit})
+    assert summary is not None
+    return StatusReport(counts, summary, usage, failures)
+
+
+async def requeue_failed(
+    db: Database,
+    *,
+    table_name: str | None = None,
+    column: str | None = None,
+    record_ids: Sequence[str] | None = None,
+    error_contains: str | None = None,
+    dry_run: bool = False,
+) -> list[Row]:
+    """Move matching failed items back to pending (or only list them, with dry_run)."""
+    error_like = None
+    if error_contains is not None:
+        escaped = error_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        error_like = f"%{escaped}%"
+    async with db.connection() as conn:
+        rows = await db.fetch_all(
+            conn,
+            statement("requeue_failed"),
+            {
+                "table_name": table_name,
+                "column": column,
+                "record_ids": list(record_ids) if record_ids else None,
+                "error_like": error_like,
+                "dry_run": dry_run,
+            },
+        )
+        if rows and not dry_run:
+            await db.execute(conn, statement("notify_queue"))
+    return rows
+
+
+async def purge(db: Database, older_than_seconds: float) -> int:
+    """Delete done items (and usage records) older than the given age; return items deleted."""
+    async with db.connection() as conn:
+        deleted = await db.execute(
+            conn, statement("purge_done"), {"older_than_seconds": older_than_seconds}
+        )
+        await db.execute(conn, statement("purge_usage"), {"older_than_seconds": older_than_seconds})
+    return deleted
+
+
+async def estimate_pending(db: Database) -> list[Row]:
+    """Queued (pending or in-flight) items and estimated tokens per target."""
+    async with db.connection() as conn:
+        return await db.fetch_all(conn, statement("estimate_pending"))
+
+
+async def estimate_target(
+    db: Database, table_name: str, column: str, mode: Literal["missing", "all"]
+) -> tuple[int, int]:
+    """(rows, estimated tokens) a backfill of one target would send."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(
+            conn,
+            statement("estimate_target"),
+            {"table_name": table_name, "column": column, "mode": mode},
+        )
+    assert row is not None
+    return int(row["items"]), int(row["tokens"])
+
+
+async def grant_worker(db: Database, role: str) -> int:
+    """Grant ``role`` the worker's least privileges; return the number of targets covered."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(conn, statement("grant_worker"), {"role": role})
+    assert row is not None
+    return int(row["targets"])
+
+
+async def search(db: Database, target: Target, query: npt.NDArray[np.float32], k: int) -> list[Row]:
+    """The ``k`` rows nearest to ``query`` by cosine distance (vector/halfvec targets)."""
+    if target.column_type not in ("vector", "halfvec"):
+        raise PermanentError(
+            f"search needs a vector or halfvec column; {target.table_name}."
+            f"{target.embedding_column} is {target.column_type}"
+        )
+    async with db.connection() as conn:
+        vtype = await db.fetch_one(
+            conn,
+            statement("vector_type"),
+            {
+                "schema": target.schema_name,
+                "table": target.relation_name,
+                "column": target.embedding_column,
+            },
+        )
+        assert vtype is not None
+        return await db.fetch_all(
+            conn,
+            targets.search_statement(target, vtype["type_schema"], vtype["type_name"]),
+            {"query": float4_array(query), "k": k},
+        )
+
+
+# pgvector's HNSW index handles at most 2,000 dimensions for vector and 4,000 for halfvec.
+HNSW_MAX_VECTOR_DIMS = 2000
+HNSW_MAX_HALFVEC_DIMS = 4000
+
+
+async def add_embedding_column(db: Database, table: str, column: str, dimensions: int) -> str:
+    """Add a vector(N) column (halfvec(N) above HNSW's vector limit) unless it exists;
+    installs pgvector when missing. Returns the column type used."""
+    kind = "vector" if dimensions <= HNSW_MAX_VECTOR_DIMS else "halfvec"
+    async with db.connection() as conn:
+        rel = await db.fetch_one(conn, statement("resolve_table"), {"table": table})
+        assert rel is not None
+        ext = await db.fetch_one(conn, statement("vector_extension_schema"))
+        if ext is None:
+            await db.execute(conn, statement("create_vector_extension"))
+            ext = await db.fetch_one(conn, statement("vector_extension_schema"))
+        assert ext is not None
+        vtype = sql.SQL("{}({})").format(
+            sql.Identifier(ext["schema"], kind), sql.Literal(int(dimensions))
+        )
+        await db.execute(
+            conn,
+            statement(
+                "add_embedding_column",
+                table=sql.Identifier(rel["schema_name"], rel["relation_name"]),
+                column=column,
+                vtype=vtype,
+            ),
+        )
+    return kind
+
+
+async def create_hnsw_index(db: Database, target: Target) -> str:
+    """Create the cosine HNSW index on a vector/halfvec target; return its name."""
+    if target.column_type not in ("vector", "halfvec"):
+        raise PermanentError(
+            f"an HNSW index needs a vector or halfvec column, not {target.column_type}"
+        )
+    limit = HNSW_MAX_VECTOR_DIMS if target.column_type == "vector" else HNSW_MAX_HALFVEC_DIMS
+    if target.dimensions is None:
+        raise PermanentError("an HNSW index needs a column with fixed dimensions, e.g. vector(384)")
+    if target.dimensions > limit:
+        raise PermanentError(
+            f"HNSW indexes {target.column_type} up to {limit} dimensions; "
+            f"{target.embedding_column} has {target.dimensions} (use halfvec)"
+        )
+    name = f"{target.relation_name}_{target.embedding_column}_hnsw_idx"[:63]
+    opclass = "vector_cosine_ops" if target.column_type == "vector" else "halfvec_cosine_ops"
+    async with db.connection(autocommit=True) as conn:
+        ext = await db.fetch_one(conn, statement("vector_extension_schema"))
+        assert ext is not None
+        await db.execute(
+            conn,
+            statement(
+                "create_hnsw_index",
+                index=name,
+                table=sql.Identifier(target.schema_name, target.relation_name),
+                column=target.embedding_column,
+                opclass=sql.Identifier(ext["schema"], opclass),
+            ),
+        )
+    return name

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     embedding_max_concurrent_requests: int = Field(
         default=4, gt=0, alias="EMBEDDING_MAX_CONCURRENT_REQUESTS"
     )
+    embedding_price_per_million_tokens: float | None = Field(
+        default=None, ge=0, alias="EMBEDDING_PRICE_PER_MILLION_TOKENS"
+    )
     request_timeout_seconds: float = Field(default=60.0, gt=0, alias="EMBEDDING_TIMEOUT_SECONDS")
     connect_timeout_seconds: float = Field(
         default=10.0, gt=0, alias="EMBEDDING_CONNECT_TIMEOUT_SECONDS"

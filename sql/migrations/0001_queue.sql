@@ -66,9 +66,12 @@ CREATE INDEX embedding_queue_lease_idx
 -- row moved back to pending from done/failed must also get a fresh budget of attempts, be due
 -- now and drop any stale claim, or it would fail again at once or wait for an old backoff.
 -- The WHEN clause keeps the worker's own updates (processing -> *) from calling the function.
+-- A requeued row is due now, so waiting workers are woken (notifications are sent at commit
+-- and collapse into one per transaction, so a mass requeue sends one).
 CREATE FUNCTION embedding_queue_on_requeue() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM pg_notify('embedding_queue', '');
     NEW.attempts := 0;
     NEW.next_attempt_at := now();
     NEW.claimed_by := NULL;
@@ -86,7 +89,12 @@ CREATE TRIGGER embedding_queue_requeue
     WHEN (NEW.status = 'pending' AND OLD.status IN ('done', 'failed'))
     EXECUTE FUNCTION embedding_queue_on_requeue();
 
--- A pending row inserted by hand wakes waiting workers like a trigger-made one does.
+-- A pending row inserted by hand (the seed's requeue INSERT, a backfill) wakes waiting workers
+-- like a trigger-made one does. Only top-level statements notify: the enqueue triggers run
+-- their INSERT ... ON CONFLICT for every UPDATE of a source table, usually queueing nothing
+-- (unrelated columns changed, or the worker wrote a vector), so they notify themselves and
+-- only when they queued rows. A NOTIFY is not free: at commit it takes a cluster-wide lock
+-- that serialises every notifying transaction, and it wakes every listening worker.
 CREATE FUNCTION embedding_queue_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -98,4 +106,5 @@ $$;
 CREATE TRIGGER embedding_queue_notify
     AFTER INSERT ON embedding_queue
     FOR EACH STATEMENT
+    WHEN (pg_trigger_depth() < 1)
     EXECUTE FUNCTION embedding_queue_notify();

@@ -39,9 +39,12 @@ RETURN (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnam
          WHERE c.oid = 'embedding_queue'::regclass);
 
 -- Blank means NULL, empty or whitespace only: such content is never embedded.
+-- ltrim, not btrim: the text is blank exactly when nothing is left after stripping the
+-- leading whitespace, and ltrim stops at the first other character, whereas trimming from the
+-- right walks the whole string in a multibyte encoding (measurable on a bulk insert).
 CREATE FUNCTION embedding_queue_is_blank(content text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN content IS NULL OR btrim(content, E' \t\n\r\f\v') = '';
+RETURN content IS NULL OR ltrim(content, E' \t\n\r\f\v') = '';
 
 -- The SQL expression that builds a row's content, over a row alias:
 --   one column      -> alias.col::text
@@ -80,12 +83,13 @@ BEGIN
         args := args || format(', %I.%I::text', alias, col);
         -- Inlined blank test (generated code runs with search_path = pg_catalog).
         nulls := nulls || CASE WHEN nulls = '' THEN '' ELSE ' AND ' END
-                       || format('btrim(coalesce(%I.%I::text, %L), %L) = %L',
+                       || format('ltrim(coalesce(%I.%I::text, %L), %L) = %L',
                                  alias, col, '', E' \t\n\r\f\v', '');
     END LOOP;
     fmt := fmt || replace(rest, '%', '%%');
     IF nulls = '' THEN
-        RAISE EXCEPTION 'content template % names no {column}', quote_literal(template);
+        RAISE EXCEPTION 'content template % names no {column}', quote_literal(template)
+              USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN format('CASE WHEN %s THEN NULL ELSE format(%L%s) END', nulls, fmt, args);
 END;
@@ -106,7 +110,8 @@ BEGIN
         rest := substr(rest, open_at + 1);
         close_at := strpos(rest, '}');
         IF close_at = 0 THEN
-            RAISE EXCEPTION 'content template has an unclosed "{": %', quote_literal(template);
+            RAISE EXCEPTION 'content template has an unclosed "{": %', quote_literal(template)
+                  USING ERRCODE = 'invalid_parameter_value';
         END IF;
         cols := cols || left(rest, close_at - 1);
         rest := substr(rest, close_at + 1);
@@ -117,7 +122,9 @@ $$;
 
 -- Queue rows of a registered target: 'missing' (target column NULL), 'all' (re-embed every
 -- row, e.g. after a model change) or the given ids. Returns how many rows were queued.
--- Rows already queued go back to pending with their current content.
+-- Rows already queued go back to pending with their current content. Rows are queued in key
+-- order, the order the enqueue triggers use, so a backfill running next to multi-row
+-- application writes takes queue row locks in the same order and cannot deadlock with them.
 CREATE FUNCTION embedding_queue_backfill(
     p_table_name text,
     p_embedding_column text,
@@ -144,7 +151,8 @@ BEGIN
         WHEN 'ids' THEN format('r.%I = ANY($1::%s[])', t.id_column, t.id_type)
     END;
     IF filter IS NULL THEN
-        RAISE EXCEPTION 'backfill mode must be missing, all or ids, not %', quote_literal(p_mode);
+        RAISE EXCEPTION 'backfill mode must be missing, all or ids, not %', quote_literal(p_mode)
+              USING ERRCODE = 'invalid_parameter_value';
     END IF;
     EXECUTE format(
         $q$
@@ -152,6 +160,7 @@ BEGIN
         SELECT %L, r.%I::text, %L, c.content
           FROM %I.%I AS r CROSS JOIN LATERAL (SELECT %s AS content) AS c
          WHERE %s AND NOT embedding_queue_is_blank(c.content)
+         ORDER BY r.%I
         ON CONFLICT (table_name, record_id, embedding_column) DO UPDATE
            SET content = EXCLUDED.content, status = 'pending', attempts = 0,
                error_message = NULL, detail = NULL, next_attempt_at = now(),
@@ -161,7 +170,7 @@ BEGIN
         queue, t.table_name, t.id_column, t.embedding_column,
         t.schema_name, t.relation_name,
         embedding_queue_content_sql(t.content_columns, t.content_template, 'r'),
-        filter)
+        filter, t.id_column)
     USING p_ids;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
@@ -178,7 +187,8 @@ $$;
 --   p_model, p_dimensions optional; dimensions default to the vector column's typmod
 --   p_model_column, p_generated_at_column optional companion columns the processor fills
 --   p_backfill         'none', 'missing' or 'all': queue existing rows now
--- Returns the table_name label queue rows will carry.
+-- Returns the table_name label queue rows will carry. Re-registering replaces the triggers in
+-- the same transaction, so no write goes unqueued in between.
 CREATE FUNCTION embedding_register_target(
     p_table regclass,
     p_embedding_column text,
@@ -211,16 +221,20 @@ DECLARE
     c text;
     suffix text;
     fn text;
+    part text;
     expr_n text;
     expr_o text;
     clear_sets text;
+    stored_cols text;
     upsert text;
+    notify text;
+    previous embedding_targets;
 BEGIN
     SELECT n.nspname, cl.relname, cl.relkind INTO nsp, rel, relkind
       FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
      WHERE cl.oid = p_table;
     IF relkind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION '% is not a table', p_table;
+        RAISE EXCEPTION '% is not a table', p_table USING ERRCODE = 'wrong_object_type';
     END IF;
     label := CASE WHEN nsp = 'public' THEN rel ELSE nsp || '.' || rel END;
 
@@ -239,18 +253,21 @@ BEGIN
      WHERE a.attrelid = p_table AND a.attname = p_embedding_column
        AND a.attnum > 0 AND NOT a.attisdropped;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(p_embedding_column);
+        RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(p_embedding_column)
+              USING ERRCODE = 'undefined_column';
     END IF;
     IF kind IS NULL THEN
         RAISE EXCEPTION 'column %.% has type %; supported: vector, halfvec, real[], double precision[], jsonb, bytea',
             p_table, quote_ident(p_embedding_column),
             (SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-              WHERE attrelid = p_table AND attname = p_embedding_column);
+              WHERE attrelid = p_table AND attname = p_embedding_column)
+            USING ERRCODE = 'datatype_mismatch';
     END IF;
     IF kind IN ('vector', 'halfvec') AND typmod > 0 THEN
         IF dims IS NOT NULL AND dims <> typmod THEN
             RAISE EXCEPTION 'column %.% holds % dimensions but % were requested',
-                p_table, quote_ident(p_embedding_column), typmod, dims;
+                p_table, quote_ident(p_embedding_column), typmod, dims
+                USING ERRCODE = 'invalid_parameter_value';
         END IF;
         dims := typmod;
     END IF;
@@ -261,38 +278,56 @@ BEGIN
           FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
          WHERE i.indrelid = p_table AND i.indisprimary AND i.indnkeyatts = 1;
         IF idcol IS NULL THEN
-            RAISE EXCEPTION 'table % has no single-column primary key; pass p_id_column', p_table;
+            RAISE EXCEPTION 'table % has no single-column primary key; pass p_id_column', p_table
+                  USING ERRCODE = 'invalid_parameter_value';
         END IF;
     ELSIF NOT EXISTS (
         SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
          WHERE i.indrelid = p_table AND i.indisunique AND i.indnkeyatts = 1
-           AND i.indpred IS NULL AND a.attname = idcol) THEN
-        RAISE EXCEPTION 'column %.% is not unique (no single-column unique index)', p_table, quote_ident(idcol);
+           AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = idcol) THEN
+        RAISE EXCEPTION 'column %.% is not unique (no single-column unique index)', p_table, quote_ident(idcol)
+              USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT format_type(a.atttypid, NULL) INTO idtype
       FROM pg_attribute a WHERE a.attrelid = p_table AND a.attname = idcol;
     IF idtype NOT IN ('smallint', 'integer', 'bigint', 'uuid', 'text', 'character varying') THEN
         RAISE EXCEPTION 'key column %.% has type %; supported: smallint, integer, bigint, uuid, text, varchar',
-            p_table, quote_ident(idcol), idtype;
+            p_table, quote_ident(idcol), idtype USING ERRCODE = 'datatype_mismatch';
     END IF;
 
     -- Content: columns or a template, never both.
     IF (p_content_columns IS NULL) = (p_template IS NULL) THEN
-        RAISE EXCEPTION 'pass exactly one of p_content_columns or p_template';
+        RAISE EXCEPTION 'pass exactly one of p_content_columns or p_template'
+              USING ERRCODE = 'invalid_parameter_value';
     END IF;
     cols := COALESCE(p_content_columns, embedding_queue_template_columns(p_template));
-    IF cardinality(cols) = 0 THEN
-        RAISE EXCEPTION 'content needs at least one column';
+    IF cardinality(cols) = 0 OR array_position(cols, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'content needs at least one column, and no NULL column names'
+              USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOREACH c IN ARRAY cols || ARRAY[p_model_column, p_generated_at_column] LOOP
         IF c IS NOT NULL AND NOT EXISTS (
             SELECT 1 FROM pg_attribute
              WHERE attrelid = p_table AND attname = c AND attnum > 0 AND NOT attisdropped) THEN
-            RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(c);
+            RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(c)
+                  USING ERRCODE = 'undefined_column';
         END IF;
     END LOOP;
-    IF p_backfill NOT IN ('none', 'missing', 'all') THEN
-        RAISE EXCEPTION 'p_backfill must be none, missing or all, not %', quote_literal(p_backfill);
+    IF p_backfill IS NULL OR p_backfill NOT IN ('none', 'missing', 'all') THEN
+        RAISE EXCEPTION 'p_backfill must be none, missing or all, not %', quote_literal(p_backfill)
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- Two tables may not share a label ('a.b' is both table b in schema a and table "a.b" in
+    -- public): their queue rows would be indistinguishable, and they would share the
+    -- generated functions, so registering the second would rewire the first's triggers.
+    SELECT * INTO previous FROM embedding_targets
+     WHERE table_name = label AND embedding_column = p_embedding_column;
+    IF FOUND AND (previous.schema_name, previous.relation_name) IS DISTINCT FROM (nsp, rel) THEN
+        RAISE EXCEPTION 'target %.% is already registered for table %.%',
+            label, quote_ident(p_embedding_column),
+            quote_ident(previous.schema_name), quote_ident(previous.relation_name)
+            USING ERRCODE = 'duplicate_object';
     END IF;
 
     suffix := substr(md5(label || '/' || p_embedding_column), 1, 12);
@@ -304,44 +339,68 @@ BEGIN
                 ELSE format(' NEW.%I := NULL;', p_model_column) END
         || CASE WHEN p_generated_at_column IS NULL THEN ''
                 ELSE format(' NEW.%I := NULL;', p_generated_at_column) END;
+    -- The columns the blank trigger clears, for its WHEN clause: any of them still set.
+    SELECT string_agg(format('NEW.%I IS NOT NULL', x), ' OR ')
+      INTO stored_cols
+      FROM unnest(ARRAY[p_embedding_column, p_model_column, p_generated_at_column]) AS x
+     WHERE x IS NOT NULL;
     -- Re-pending resets everything a claim or an earlier failure left behind; bumping
     -- generation and clearing claim_token is what makes an in-flight claim stale.
-    upsert := format(
-        $q$
+    -- The last %s is an ORDER BY or nothing (see the insert trigger).
+    upsert := $q$
         INSERT INTO %s AS q (table_name, record_id, embedding_column, content)
         SELECT %L, ch.id::text, %L, ch.content FROM changed AS ch
-         WHERE NOT %s(ch.content)
-         ORDER BY ch.id
+         WHERE NOT %s(ch.content)%s
         ON CONFLICT (table_name, record_id, embedding_column) DO UPDATE
            SET content = EXCLUDED.content, status = 'pending', attempts = 0,
                error_message = NULL, detail = NULL, next_attempt_at = now(),
                claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
                generation = q.generation + 1, updated_at = now(), processed_at = NULL
-        $q$, queue, label, p_embedding_column, blank);
+        $q$;
+    -- Wake waiting workers only when something was queued (see embedding_queue_notify in
+    -- 0001: most UPDATEs of a source table queue nothing).
+    notify := $n$
+            GET DIAGNOSTICS queued = ROW_COUNT;
+            IF queued > 0 THEN
+                PERFORM pg_notify('embedding_queue', '');
+            END IF;
+    $n$;
 
     -- Statement-level triggers with transition tables: one queue statement per source
     -- statement, so a 100k-row bulk insert costs one set-based INSERT, not 100k calls.
     -- SECURITY DEFINER lets application roles write source tables without any grant on the
     -- queue; the fixed search_path keeps such functions safe.
+    -- Inserted rows are not sorted: a new source row is invisible to every other transaction
+    -- until commit, so nothing else can hold (or wait for) its queue row, and sorting a
+    -- bulk insert's rows, content included, spills to disk.
     EXECUTE format(
         $f$
         CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        DECLARE
+            queued bigint;
         BEGIN
             WITH changed AS (SELECT n.%I AS id, %s AS content FROM new_rows AS n)
             %s;
+            %s
             RETURN NULL;
         END;
         $body$
-        $f$, qs, fn || '_ins', idcol, expr_n, upsert);
+        $f$, qs, fn || '_ins', idcol, expr_n,
+        format(upsert, queue, label, p_embedding_column, blank, ''), notify);
 
     -- Only rows whose content expression changed are queued; a key change counts as a
     -- delete of the old key plus an insert of the new one. Content that became blank
     -- removes the queue row (its embedding is cleared by the BEFORE trigger below).
+    -- Updated rows are queued in key order, the order backfills use: the source rows are
+    -- locked by this statement already, but a concurrent backfill is not, and locking queue
+    -- rows in one order keeps the two from deadlocking.
     EXECUTE format(
         $f$
         CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+        DECLARE
+            queued bigint;
         BEGIN
             DELETE FROM %s AS q
              USING (SELECT o.%I AS id FROM old_rows AS o
@@ -355,13 +414,16 @@ BEGIN
                   FROM new_rows AS n LEFT JOIN old_rows AS o ON o.%I = n.%I
                  WHERE o.%I IS NULL OR (%s) IS DISTINCT FROM (%s))
             %s;
+            %s
             RETURN NULL;
         END;
         $body$
         $f$, qs, fn || '_upd',
         queue, idcol, idcol, idcol, idcol, blank, expr_n,
         label, p_embedding_column,
-        idcol, expr_n, idcol, idcol, idcol, expr_n, expr_o, upsert);
+        idcol, expr_n, idcol, idcol, idcol, expr_n, expr_o,
+        format(upsert, queue, label, p_embedding_column, blank, E'\n         ORDER BY ch.id'),
+        notify);
 
     EXECUTE format(
         $f$
@@ -398,11 +460,13 @@ BEGIN
         $body$
         $f$, qs, fn || '_blank', clear_sets);
 
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_ins', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_upd', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_del', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_trunc', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', fn || '_blank', p_table);
+    -- Replace the triggers (checking the catalog rather than DROP TRIGGER IF EXISTS, whose
+    -- notices would clutter the output of users' migrations).
+    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = fn || part) THEN
+            EXECUTE format('DROP TRIGGER %I ON %s', fn || part, p_table);
+        END IF;
+    END LOOP;
     EXECUTE format(
         'CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
         'FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', fn || '_ins', p_table, qs, fn || '_ins');
@@ -415,11 +479,12 @@ BEGIN
     EXECUTE format(
         'CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()',
         fn || '_trunc', p_table, qs, fn || '_trunc');
-    -- The WHEN clause is evaluated without a function call, so rows with content pay nothing.
+    -- The WHEN clause is evaluated without a function call, so rows with content (or with
+    -- nothing stored yet, as on a plain insert) pay next to nothing.
     EXECUTE format(
         'CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON %s FOR EACH ROW '
-        'WHEN (NEW.%I IS NOT NULL AND %s(%s)) EXECUTE FUNCTION %I.%I()',
-        fn || '_blank', p_table, p_embedding_column, blank,
+        'WHEN ((%s) AND %s(%s)) EXECUTE FUNCTION %I.%I()',
+        fn || '_blank', p_table, stored_cols, blank,
         embedding_queue_content_sql(cols, p_template, 'new'), qs, fn || '_blank');
 
     INSERT INTO embedding_targets AS t (
@@ -444,10 +509,14 @@ END;
 $$;
 
 -- Remove a target: its triggers, generated functions, registry row and queue rows.
+-- Dropping each generated function with CASCADE drops the triggers that call it wherever
+-- they are, even if the table was renamed or moved to another schema since registration.
 CREATE FUNCTION embedding_unregister_target(p_table_name text, p_embedding_column text)
 RETURNS boolean
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path FROM CURRENT
+-- DROP ... CASCADE reports each trigger it drops as a NOTICE; keep users' migrations quiet.
+SET client_min_messages = warning AS $$
 DECLARE
     t embedding_targets;
     fn text;
@@ -461,10 +530,7 @@ BEGIN
     END IF;
     fn := 'embedding_queue_t' || t.trigger_suffix;
     FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank'] LOOP
-        IF to_regclass(format('%I.%I', t.schema_name, t.relation_name)) IS NOT NULL THEN
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %I.%I', fn || part, t.schema_name, t.relation_name);
-        END IF;
-        EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', qs, fn || part);
+        EXECUTE format('DROP FUNCTION IF EXISTS %I.%I() CASCADE', qs, fn || part);
     END LOOP;
     DELETE FROM embedding_queue
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;

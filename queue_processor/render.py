@@ -1,0 +1,147 @@
+"""Human and JSON renderings of command output (rich on a terminal, plain text otherwise)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from queue_processor.models import STATUSES
+from queue_processor.queue import StatusReport
+
+# USD per 1M input tokens for OpenAI's embedding models (override with
+# EMBEDDING_PRICE_PER_MILLION_TOKENS).
+PRICES_PER_MILLION_TOKENS: dict[str, float] = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+}
+
+
+def price_per_million(model: str | None, override: float | None) -> float | None:
+    """The price to use for ``model``: the override, the built-in table, or None."""
+    if override is not None:
+        return override
+    if model is None:
+        return None
+    return PRICES_PER_MILLION_TOKENS.get(model.removeprefix("openai/"))
+
+
+def to_jsonable(value: Any) -> Any:
+    """Rows -> JSON-friendly values (datetimes as ISO text, Decimals as numbers)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value) if value != value.to_integral_value() else int(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Stable, indented JSON of command output."""
+    return json.dumps(to_jsonable(value), indent=2, sort_keys=True)
+
+
+def status_json(report: StatusReport, price_override: float | None) -> dict[str, Any]:
+    """The `status --json` document."""
+    usage = []
+    for row in report.usage:
+        price = price_per_million(row["model"], price_override)
+        tokens = int(row["tokens_total"] or 0)
+        usage.append({**row, "estimated_cost_usd": None if price is None else tokens * price / 1e6})
+    return {
+        "counts": report.counts,
+        "summary": report.summary,
+        "usage": usage,
+        "recent_failures": report.failures,
+    }
+
+
+def _age(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    s = float(seconds)
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"
+
+
+def status_renderable(report: StatusReport, price_override: float | None) -> RenderableType:
+    """The human `status` view."""
+    table = Table(title="embedding_queue", title_justify="left")
+    table.add_column("table")
+    table.add_column("column")
+    for status in STATUSES:
+        table.add_column(status, justify="right")
+    per_target: dict[tuple[str, str], dict[str, int]] = {}
+    for row in report.counts:
+        key = (row["table_name"], row["embedding_column"])
+        per_target.setdefault(key, {})[row["status"]] = int(row["count"])
+    for (table_name, column), counts in sorted(per_target.items()):
+        table.add_row(table_name, column, *(str(counts.get(s, 0)) for s in STATUSES))
+    if not per_target:
+        table.add_row("(empty)", "", *("0" for _ in STATUSES))
+    s = report.summary
+    lines: list[RenderableType] = [
+        table,
+        Text(
+            f"oldest pending: {_age(s['oldest_pending_seconds'])}   due now: {s['pending_due']}"
+            f"   done in the last 1m/5m/15m: {s['done_last_1m']}/{s['done_last_5m']}/"
+            f"{s['done_last_15m']}"
+        ),
+    ]
+    for row in report.usage:
+        price = price_per_million(row["model"], price_override)
+        tokens = int(row["tokens_total"] or 0)
+        cost = "unknown price" if price is None else f"~${tokens * price / 1e6:.4f}"
+        lines.append(
+            Text(
+                f"model {row['model'] or '?'}: {tokens} tokens in {row['requests_total']} "
+                f"requests ({cost}); last 1m/5m/15m: {row['tokens_last_1m'] or 0}/"
+                f"{row['tokens_last_5m'] or 0}/{row['tokens_last_15m'] or 0} tokens"
+            )
+        )
+    if report.failures:
+        failures = Table(title="recent failures", title_justify="left")
+        for name in ("id", "table", "column", "record", "attempts", "error"):
+            failures.add_column(name)
+        for row in report.failures:
+            failures.add_row(
+                str(row["id"]),
+                row["table_name"],
+                row["embedding_column"],
+                row["record_id"],
+                str(row["attempts"]),
+                (row["error_message"] or "")[:200],
+            )
+        lines.append(failures)
+    return Group(*lines)
+
+
+def rows_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Table:
+    """A simple table of ``rows`` showing ``columns``."""
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    return table
+
+
+def stdout_console() -> Console:
+    """A console for command output (stdout; plain when not a terminal)."""
+    return Console(soft_wrap=True)
