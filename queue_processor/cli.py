@@ -8,6 +8,7 @@ error, 3 database unavailable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import signal
 import sys
@@ -32,7 +33,15 @@ from queue_processor.models import Target
 from queue_processor.providers.base import EmbeddingProvider, RateLimiter
 from queue_processor.providers.openai import OpenAIProvider
 from queue_processor.settings import Settings
-from queue_processor.worker import RunMode, RunSummary, Worker, WorkerConfig, default_owner
+from queue_processor.worker import (
+    BatchObserver,
+    BatchReport,
+    RunMode,
+    RunSummary,
+    Worker,
+    WorkerConfig,
+    default_owner,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -164,6 +173,8 @@ def worker_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
         poll_interval_seconds=settings.poll_interval_seconds,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
         owner=settings.worker_name or default_owner(),
+        cache=settings.embedding_cache,
+        requested_dimensions=settings.embedding_dimensions,
     )
 
 
@@ -187,27 +198,55 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         build_provider(settings) as provider,
     ):
         await check_schema(db)
-        worker = Worker(db, provider, config)
-        log.info(
-            "worker_started",
-            mode=mode,
-            owner=config.owner,
-            batch_size=config.batch_size,
-            delay_ms=config.delay_ms,
-            concurrency=config.concurrency,
-            provider=provider.name,
-            model=provider.model,
-        )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_handle_signals, worker)
-            summary = await worker.run(mode)
-            tg.cancel_scope.cancel()
-    aborted = worker.aborted
-    if mode != "continuous" or aborted:
+        with contextlib.ExitStack() as stack:
+            observers: list[BatchObserver] = []
+            if mode == "drain" and sys.stderr.isatty():
+                observers.append(await _drain_progress(db, stack))
+            worker = Worker(db, provider, config, observers=observers)
+            log.info(
+                "worker_started",
+                mode=mode,
+                owner=config.owner,
+                batch_size=config.batch_size,
+                delay_ms=config.delay_ms,
+                concurrency=config.concurrency,
+                provider=provider.name,
+                model=provider.model,
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_handle_signals, worker)
+                summary = await worker.run(mode)
+                tg.cancel_scope.cancel()
+    if mode != "continuous" or worker.aborted:
         _print_summary(summary)
-    if aborted:
+    if worker.aborted:
         return 130
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+async def _drain_progress(db: Database, stack: contextlib.ExitStack) -> BatchObserver:
+    """A rich progress bar on the terminal (stderr) advanced by every finished batch."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    report = await queue.status(db, failures_limit=0)
+    total = int(report.summary["pending_due"]) + int(report.summary["processing"])
+    progress = stack.enter_context(
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+    )
+    task = progress.add_task("embedding", total=total or None)
+
+    def advance(batch: BatchReport) -> None:
+        progress.advance(task, batch.done + batch.failed + batch.skipped + batch.retried)
+
+    return advance
 
 
 def _print_summary(summary: RunSummary) -> None:
@@ -221,6 +260,8 @@ def _print_summary(summary: RunSummary) -> None:
     out(f"Success rate: {rate:.1f}%")
     out(f"Duration: {summary.duration_seconds:.2f}s ({summary.rows_per_second:.1f} rows/s)")
     out(f"Tokens: {summary.tokens} in {summary.requests} requests")
+    if summary.cache_hits:
+        out(f"Served from the embedding cache: {summary.cache_hits}")
 
 
 async def cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:

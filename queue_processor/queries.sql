@@ -318,3 +318,17 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
 SELECT n.nspname AS schema_name, c.relname AS relation_name
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = %(table)s::regclass;
+
+-- name: cache_lookup
+-- Cached vectors for these content hashes (primary key lookups).
+SELECT content_hash, embedding FROM embedding_cache
+ WHERE model = %(model)s AND dimensions = %(dimensions)s
+   AND content_hash = ANY(%(hashes)s::bytea[]);
+
+-- name: cache_store
+-- Remember freshly embedded vectors; a concurrent worker may have stored the same text.
+INSERT INTO embedding_cache (model, dimensions, content_hash, embedding)
+SELECT %(model)s, %(dimensions)s, h, e
+  FROM unnest(%(hashes)s::bytea[], %(embeddings)s::bytea[]) AS c(h, e)
+ON CONFLICT DO NOTHING;
+

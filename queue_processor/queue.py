@@ -6,6 +6,7 @@ queries.sql. The worker never sees SQL text.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -567,3 +568,48 @@ async def create_hnsw_index(db: Database, target: Target) -> str:
             ),
         )
     return name
+
+
+# --- the opt-in embedding cache -----------------------------------------------------------
+
+
+def content_hash(text: str) -> bytes:
+    """The cache key of a text: SHA-256 of its UTF-8 bytes (surrogates kept)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+async def cache_lookup(
+    db: Database, model: str, dimensions: int | None, hashes: Sequence[bytes]
+) -> dict[bytes, npt.NDArray[np.float32]]:
+    """Cached vectors by content hash (only the hits)."""
+    if not hashes:
+        return {}
+    async with db.connection(autocommit=True) as conn:
+        rows = await db.fetch_all(
+            conn,
+            statement("cache_lookup"),
+            {"model": model, "dimensions": dimensions or 0, "hashes": list(hashes)},
+        )
+    return {bytes(r["content_hash"]): np.frombuffer(r["embedding"], dtype="<f4") for r in rows}
+
+
+async def cache_store(
+    db: Database,
+    model: str,
+    dimensions: int | None,
+    entries: Sequence[tuple[bytes, npt.NDArray[np.float32]]],
+) -> None:
+    """Remember vectors by content hash."""
+    if not entries:
+        return
+    async with db.connection(autocommit=True) as conn:
+        await db.execute(
+            conn,
+            statement("cache_store"),
+            {
+                "model": model,
+                "dimensions": dimensions or 0,
+                "hashes": [h for h, _ in entries],
+                "embeddings": [targets.vector_bytes(v) for _, v in entries],
+            },
+        )

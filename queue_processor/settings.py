@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, alias="QUEUE_PROCESSOR_SHUTDOWN_GRACE_SECONDS"
     )
+    embedding_cache: bool = Field(default=False, alias="EMBEDDING_CACHE")
     worker_name: str | None = Field(default=None, alias="QUEUE_PROCESSOR_WORKER_NAME")
 
     # Logging.

@@ -39,7 +39,7 @@ from queue_processor.errors import (
     TransientError,
 )
 from queue_processor.models import Claim, ClaimToken, QueueId, QueueItem, Target
-from queue_processor.providers.base import EmbeddingProvider
+from queue_processor.providers.base import EmbeddingProvider, Vector
 from queue_processor.targets import parse_record_id
 
 log = structlog.get_logger(__name__)
@@ -70,6 +70,11 @@ class WorkerConfig:
     shutdown_grace_seconds: float = 30.0
     owner: str = field(default_factory=default_owner)
     target_cache_seconds: float = 30.0
+    # Opt-in: serve already-embedded texts from embedding_cache instead of the provider.
+    cache: bool = False
+    # The dimensions requested from the provider (None = the model's default): part of the
+    # cache key, since the same model gives different vectors at different dimensions.
+    requested_dimensions: int | None = None
 
 
 @dataclass
@@ -86,6 +91,7 @@ class RunSummary:
     batches: int = 0
     tokens: int = 0
     requests: int = 0
+    cache_hits: int = 0
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
 
@@ -322,18 +328,15 @@ class Worker:
         tokens = requests = 0
         writes: list[queue.Write] = []
         try:
-            if texts:
-                result = await self._provider.embed(texts)
-                tokens, requests = result.tokens, result.requests
-                for index, (item, target, key) in enumerate(work):
-                    vector = result.vectors[index]
-                    if vector is None:
-                        message = result.errors.get(index, "provider returned no vector")
-                        failures.append((item, message))
-                    elif target.dimensions is not None and vector.shape[0] != target.dimensions:
-                        failures.append((item, _dims_mismatch(target, int(vector.shape[0]))))
-                    else:
-                        writes.append(queue.Write(item, target, key, vector))
+            vectors, errors, tokens, requests = await self._embed(texts)
+            for index, (item, target, key) in enumerate(work):
+                vector = vectors[index]
+                if vector is None:
+                    failures.append((item, errors.get(index, "provider returned no vector")))
+                elif target.dimensions is not None and vector.shape[0] != target.dimensions:
+                    failures.append((item, _dims_mismatch(target, int(vector.shape[0]))))
+                else:
+                    writes.append(queue.Write(item, target, key, vector))
         except TransientError as exc:
             await self._retry_later(claim, [item for item, _, _ in work], failures, exc, started)
             return
@@ -382,6 +385,40 @@ class Worker:
             requests,
             started,
         )
+
+    async def _embed(
+        self, texts: list[str]
+    ) -> tuple[list[Vector | None], dict[int, str], int, int]:
+        """Vectors for ``texts`` (aligned), per-index errors, tokens and requests spent.
+
+        With the cache on, texts embedded before are served from embedding_cache and only the
+        rest are sent; fresh vectors are stored for next time."""
+        if not texts:
+            return [], {}, 0, 0
+        if not self._config.cache:
+            result = await self._provider.embed(texts)
+            return list(result.vectors), dict(result.errors), result.tokens, result.requests
+        model_key = f"{self._provider.name}/{self._provider.model}"
+        dims = self._config.requested_dimensions
+        hashes = [queue.content_hash(t) for t in texts]
+        hits = await self._persist(lambda: queue.cache_lookup(self._db, model_key, dims, hashes))
+        vectors: list[Vector | None] = [hits.get(h) for h in hashes]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        self.summary.cache_hits += len(texts) - len(missing)
+        if not missing:
+            return vectors, {}, 0, 0
+        result = await self._provider.embed([texts[i] for i in missing])
+        errors: dict[int, str] = {}
+        fresh: list[tuple[bytes, Vector]] = []
+        for position, index in enumerate(missing):
+            vector = result.vectors[position]
+            vectors[index] = vector
+            if vector is None:
+                errors[index] = result.errors.get(position, "provider returned no vector")
+            else:
+                fresh.append((hashes[index], vector))
+        await self._persist(lambda: queue.cache_store(self._db, model_key, dims, fresh))
+        return vectors, errors, result.tokens, result.requests
 
     async def _retry_later(
         self,
