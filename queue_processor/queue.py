@@ -613,3 +613,10 @@ async def cache_store(
                 "embeddings": [targets.vector_bytes(v) for _, v in entries],
             },
         )
+
+
+async def queue_depth(db: Database) -> dict[str, int]:
+    """Queue rows by status (statuses without rows are absent)."""
+    async with db.connection(autocommit=True) as conn:
+        rows = await db.fetch_all(conn, statement("queue_depth"))
+    return {str(row["status"]): int(row["count"]) for row in rows}

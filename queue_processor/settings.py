@@ -32,9 +32,11 @@ class Settings(BaseSettings):
     embedding_provider: Literal["openai", "local"] | None = Field(
         default=None, alias="EMBEDDING_PROVIDER"
     )
-    openai_base_url: str = Field(default="https://api.openai.com/v1", alias="OPENAI_BASE_URL")
+    # Unset means OpenAI's API (or the local model, when no key is set either).
+    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
     openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
-    embedding_model: str = Field(default="text-embedding-3-small", alias="EMBEDDING_MODEL")
+    # Unset means text-embedding-3-small (openai) or all-MiniLM-L6-v2 (local).
+    embedding_model: str | None = Field(default=None, alias="EMBEDDING_MODEL")
     embedding_dimensions: int | None = Field(default=None, gt=0, alias="EMBEDDING_DIMENSIONS")
     embedding_requests_per_minute: int | None = Field(
         default=None, gt=0, alias="EMBEDDING_REQUESTS_PER_MINUTE"
@@ -91,3 +93,8 @@ class Settings(BaseSettings):
         if not _IDENT.match(value):
             raise ValueError(f"QUEUE_PROCESSOR_SCHEMA must be a plain identifier, got {value!r}")
         return value
+
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+OPENAI_DEFAULT_MODEL = "text-embedding-3-small"
+LOCAL_DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

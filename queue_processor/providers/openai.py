@@ -28,7 +28,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -225,6 +225,7 @@ class OpenAIProvider(EmbeddingProvider):
         backoff_max_seconds: float = 30,
         rate_limiter: RateLimiter | None = None,
         client: httpx.AsyncClient | None = None,
+        on_response: Callable[[int | str], None] | None = None,
     ) -> None:
         _require(bool(model.strip()), "the embedding model name is empty")
         _require(dimensions is None or dimensions > 0, "dimensions must be positive")
@@ -271,6 +272,7 @@ class OpenAIProvider(EmbeddingProvider):
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self._rate_limiter = rate_limiter
+        self._on_response = on_response
         self._timeout = httpx.Timeout(timeout_seconds, connect=connect_timeout_seconds)
         self._limiter = anyio.CapacityLimiter(max_concurrent_requests)
         self._owns_client = client is None
@@ -412,7 +414,14 @@ class OpenAIProvider(EmbeddingProvider):
                 await self._rate_limiter.acquire(estimated)
             async with self._limiter:
                 state.requests += 1
-                return await self._send(body)
+                try:
+                    response = await self._send(body)
+                except _Retryable as exc:
+                    timed_out = isinstance(exc.__cause__, httpx.TimeoutException)
+                    self._observe_response("timeout" if timed_out else "error")
+                    raise
+                self._observe_response(response.status_code)
+                return response
 
         async def attempt_and_read() -> _Batch:
             return self._interpret(await attempt(), len(inputs), estimated)
@@ -439,6 +448,10 @@ class OpenAIProvider(EmbeddingProvider):
                 retry_after_seconds=exc.retry_after_s,
             ) from exc
         return batch
+
+    def _observe_response(self, status: int | str) -> None:
+        if self._on_response is not None:
+            self._on_response(status)
 
     async def _send(self, body: dict[str, Any]) -> httpx.Response:
         """POST once; transport failures become _Retryable with a clean message."""
