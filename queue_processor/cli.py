@@ -308,6 +308,9 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         _print_summary(summary)
     if worker.aborted:
         return 130
+    if mode == "continuous":
+        # A service stopped by SIGTERM stopped as asked; failed items are in the queue.
+        return EXIT_OK
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 

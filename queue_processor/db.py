@@ -165,9 +165,11 @@ class Database:
             },
             configure=self._configure,
             check=AsyncConnectionPool.check_connection,
-            # Give up a background reconnect quickly: the pool grows again on demand and our
-            # callers (worker, CLI) own the backoff, so a database restart is ridden out there.
-            reconnect_timeout=0,
+            # Keep reconnecting in the background (with psycopg_pool's backoff) for up to 5
+            # minutes after the database goes away, so waiters are served as soon as it is
+            # back; past that the pool tries again on the next request. Our callers retry
+            # DatabaseUnavailable with their own backoff, so the worker rides out restarts.
+            reconnect_timeout=300.0,
             timeout=connect_timeout_seconds,
         )
         self.closed = True

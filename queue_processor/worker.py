@@ -289,6 +289,10 @@ class Worker:
         try:
             await self._process(claim)
             finished = True
+        except DatabaseUnavailable as exc:
+            # The database stayed away longer than our lease: the claims are lost anyway
+            # (another worker reclaims them once the lease lapses). Keep the worker alive.
+            log.error("batch_abandoned", items=len(claim.items), error=str(exc))
         except anyio.get_cancelled_exc_class():
             if not self._abort_requested:
                 await self._release(claim)

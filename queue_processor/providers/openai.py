@@ -248,7 +248,13 @@ class OpenAIProvider(EmbeddingProvider):
             url.scheme in ("http", "https") and bool(url.host),
             "the provider base URL must be an absolute http(s) URL",
         )
-        # The URL shown in messages and logs: no userinfo, query or fragment.
+        # user:password@ in the URL would make httpx send Basic auth in place of the Bearer
+        # key (every request a 401) and could leak through error text: refuse it.
+        _require(
+            not url.userinfo,
+            "the provider base URL must not contain credentials: put the key in OPENAI_API_KEY",
+        )
+        # The URL shown in messages and logs: no query or fragment.
         self.base_url = f"{url.scheme}://{url.netloc.decode('ascii')}{url.path.rstrip('/')}"
         self._endpoint = url.copy_with(path=url.path.rstrip("/") + "/embeddings")
         self._endpoint_display = self.base_url + "/embeddings"
@@ -260,7 +266,7 @@ class OpenAIProvider(EmbeddingProvider):
         )
         # Never held as plain str attributes, so that even vars(provider) or a traceback that
         # shows locals stays clean: SecretStr and httpx.Headers both mask themselves in repr.
-        self._secrets = [SecretStr(value) for value in (key, url.password) if value]
+        self._secrets = [SecretStr(key)] if key else []
         self._headers = httpx.Headers({"Authorization": f"Bearer {key}"} if key else {})
 
         self.model = model
