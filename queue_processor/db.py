@@ -280,9 +280,13 @@ class Database:
     async def execute_script(self, conn: psycopg.AsyncConnection[Row], script: str) -> None:
         """Run trusted DDL shipped with the package (no parameters) in the queue schema."""
         with translate_errors():
-            await conn.execute(
-                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
-            )
+            # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+            # exists; ask first so a role that owns only its schema can migrate.
+            cur = await conn.execute(statement("schema_exists"), {"schema": self.schema})
+            if not (await cur.fetchone() or {}).get("found"):
+                await conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
+                )
             await conn.execute(script)
 
     async def applied_migrations(self, conn: psycopg.AsyncConnection[Row]) -> set[int]:

@@ -10,6 +10,10 @@ SELECT pg_advisory_lock(hashtextextended(%(key)s, 0));
 -- Release the migration lock.
 SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0));
 
+-- name: schema_exists
+-- Whether the queue schema exists already.
+SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s) AS found;
+
 -- name: applied_migrations
 -- Versions already applied.
 SELECT version FROM queue_processor_migrations ORDER BY version;
@@ -111,6 +115,11 @@ RETURNING q.id, q.table_name, q.record_id, q.embedding_column, q.content, q.atte
 UPDATE embedding_queue
    SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
  WHERE id = ANY(%(ids)s::bigint[]) AND status = 'processing' AND claim_token = %(token)s;
+
+-- name: mark_worker_write
+-- Tell the targets' update triggers that this transaction only writes vectors (no content
+-- changes), so they skip their work; transaction-local.
+SELECT set_config('queue_processor.worker_write', 'on', true);
 
 -- name: lock_source_rows
 -- Lock the source rows a batch will write, in key order, before touching the queue rows:

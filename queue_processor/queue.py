@@ -246,6 +246,7 @@ async def complete(
     all_ids = [w.item.id for w in writes] + [item.id for item, _ in failures]
     written: set[QueueId] = set()
     async with db.connection() as conn, conn.transaction():
+        await db.execute(conn, statement("mark_worker_write"))
         # Source rows first, then queue rows: the enqueue triggers' lock order.
         for key in sorted(by_target):
             group = by_target[key]

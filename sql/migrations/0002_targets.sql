@@ -451,13 +451,20 @@ BEGIN
         DECLARE
             queued bigint;
         BEGIN
+            -- The processor's own vector writes change no content: nothing to queue.
+            IF current_setting('queue_processor.worker_write', true) = 'on' THEN
+                RETURN NULL;
+            END IF;
+            -- = ANY(ARRAY(...)) probes the unique index once per key whatever the planner
+            -- believes about the queue's size (a join could scan every queue row).
             DELETE FROM %s AS q
-             USING (SELECT o.%I AS id FROM old_rows AS o
-                     WHERE NOT EXISTS (SELECT 1 FROM new_rows AS n WHERE n.%I = o.%I)
-                    UNION ALL
-                    SELECT n.%I FROM new_rows AS n
-                     WHERE %s(%s)) AS d
-             WHERE q.table_name = %L AND q.embedding_column = %L AND q.record_id = d.id::text;
+             WHERE q.table_name = %L AND q.embedding_column = %L
+               AND q.record_id = ANY(ARRAY(
+                   SELECT o.%I::text FROM old_rows AS o
+                    WHERE NOT EXISTS (SELECT 1 FROM new_rows AS n WHERE n.%I = o.%I)
+                   UNION ALL
+                   SELECT n.%I::text FROM new_rows AS n
+                    WHERE %s(%s)));
             WITH changed AS (
                 SELECT n.%I AS id, %s AS content
                   FROM new_rows AS n LEFT JOIN old_rows AS o ON o.%I = n.%I
@@ -469,8 +476,7 @@ BEGIN
         END;
         $body$
         $f$, qs, fn || '_upd',
-        queue, idcol, idcol, idcol, idcol, blank, expr_n,
-        label, p_embedding_column,
+        queue, label, p_embedding_column, idcol, idcol, idcol, idcol, blank, expr_n,
         idcol, expr_n, idcol, idcol, idcol, expr_n, expr_o,
         format(upsert, queue, label, p_embedding_column, blank, E'\n         ORDER BY ch.id'),
         notify, CASE WHEN generated_content THEN clear_after ELSE '' END);
