@@ -21,7 +21,7 @@ import structlog
 from pydantic import ValidationError
 
 from queue_processor import queue, render
-from queue_processor.db import Database
+from queue_processor.db import Database, StatementFailed
 from queue_processor.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -105,7 +105,12 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
-    template = args.template.encode().decode("unicode_escape") if args.template else None
+    # Operators type '\n' for a newline; decode backslash escapes but keep non-ASCII text.
+    template = (
+        args.template.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        if args.template
+        else None
+    )
     if args.create_column and not args.dimensions:
         raise UsageError("--create-column needs --dimensions N")
     async with open_database(settings, max_size=1) as db:
@@ -124,15 +129,15 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             dimensions=args.dimensions,
             model_column=args.model_column,
             generated_at_column=args.generated_at_column,
-            backfill="all" if args.backfill == "all" else "missing" if args.backfill else "none",
         )
         if args.index:
             target = await _find_target(db, label, args.column)
             index = await queue.create_hnsw_index(db, target)
             out(f"index {index} (hnsw, cosine, m=16, ef_construction=64)")
         if args.backfill:
-            pending = await queue.status(db, failures_limit=0)
-            out(f"queued for embedding: {pending.summary['pending']} pending item(s)")
+            mode: Literal["missing", "all"] = "all" if args.backfill == "all" else "missing"
+            queued = await queue.backfill(db, label, args.column, mode)
+            out(f"queued for embedding: {queued} row(s) ({mode})")
     out(f"registered {label}.{args.column}")
     return EXIT_OK
 
@@ -483,21 +488,24 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 render.status_renderable(report, settings.embedding_price_per_million_tokens)
             )
             return EXIT_OK
+        price = settings.embedding_price_per_million_tokens
+        if not console.is_terminal:
+            # Off a terminal (a pipe, a journal) print each refresh as it comes.
+            while True:
+                report = await queue.status(db, failures_limit=args.failures)
+                console.print(render.status_renderable(report, price))
+                sys.stdout.flush()
+                await anyio.sleep(args.interval)
         from rich.live import Live
 
         report = await queue.status(db, failures_limit=args.failures)
         with Live(
-            render.status_renderable(report, settings.embedding_price_per_million_tokens),
-            console=console,
-            auto_refresh=False,
+            render.status_renderable(report, price), console=console, auto_refresh=False
         ) as live:
             while True:
                 await anyio.sleep(args.interval)
                 report = await queue.status(db, failures_limit=args.failures)
-                live.update(
-                    render.status_renderable(report, settings.embedding_price_per_million_tokens),
-                    refresh=True,
-                )
+                live.update(render.status_renderable(report, price), refresh=True)
 
 
 async def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
@@ -879,7 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         result: int = anyio.run(_call, func, args, settings)
-    except (ConfigurationError, UsageError) as exc:
+    except (ConfigurationError, UsageError, StatementFailed) as exc:
         sys.stderr.write(f"queue-processor: {exc}\n")
         return EXIT_CONFIG
     except DatabaseUnavailable as exc:

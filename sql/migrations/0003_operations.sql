@@ -76,7 +76,13 @@ BEGIN
     EXECUTE format('GRANT SELECT ON %I.embedding_targets, %I.queue_processor_migrations TO %I',
                    qs, qs, p_role);
     EXECUTE format('GRANT SELECT, INSERT ON %I.embedding_usage TO %I', qs, p_role);
-    EXECUTE format('GRANT SELECT ON %I.embedding_queue_summary TO %I', qs, p_role);
+    EXECUTE format('GRANT SELECT ON %I.embedding_queue_summary, %I.embedding_queue_status, '
+                   '%I.embedding_usage_summary, %I.embedding_queue_failures TO %I',
+                   qs, qs, qs, qs, p_role);
+    -- The opt-in cache (0004); looked up at call time, so it may be created later.
+    IF to_regclass(format('%I.embedding_cache', qs)) IS NOT NULL THEN
+        EXECUTE format('GRANT SELECT, INSERT ON %I.embedding_cache TO %I', qs, p_role);
+    END IF;
     FOR t IN SELECT * FROM embedding_targets LOOP
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', t.schema_name, p_role);
         EXECUTE format('GRANT SELECT (%I) ON %I.%I TO %I',

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -267,3 +268,39 @@ def summary_counts(stdout: str) -> dict[str, int]:
         if label in labels:
             counts[labels[label]] = int(value)
     return counts
+
+
+# --- operator commands, for end-to-end tests ---------------------------------------------------
+
+SEED_STATUS_SQL = """
+SELECT
+    table_name,
+    status,
+    COUNT(*) as count
+FROM embedding_queue
+GROUP BY table_name, status
+ORDER BY table_name, status;
+"""
+"""The seeds' status query (seed 003), verbatim: what operators ran before `status`."""
+
+
+def run_cli(
+    args: Sequence[str], env: dict[str, str], *, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``queue-processor ARGS`` to completion; the API key must not appear in its output."""
+    done = subprocess.run(
+        [QUEUE_PROCESSOR, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert API_KEY not in done.stdout
+    assert API_KEY not in done.stderr
+    return done
+
+
+def seed_status_counts(dsn: str) -> dict[tuple[str, str], int]:
+    """{(table_name, status): count} from the seeds' own status SQL."""
+    return {(r["table_name"], r["status"]): int(r["count"]) for r in execute(dsn, SEED_STATUS_SQL)}
