@@ -151,6 +151,8 @@ class Worker:
         self._targets: dict[tuple[str, str], Target] = {}
         self._targets_loaded_at = -math.inf
         self._batches_scope: anyio.CancelScope | None = None
+        # At most ``concurrency`` batches write at once (and as many more embed meanwhile).
+        self._write_slots = anyio.Semaphore(config.concurrency)
         self._run_scope: anyio.CancelScope | None = None
         self.summary = RunSummary()
         self.last_progress_at = time.monotonic()
@@ -285,10 +287,14 @@ class Worker:
 
     async def _run_batch(self, claim: Claim, slots: anyio.Semaphore) -> None:
         structlog.contextvars.bind_contextvars(claim=str(claim.token)[:8])
-        finished = False
+        slot = _Slot(slots)
+        # Without a delay, a batch gives its slot back once embedded: the next batch is
+        # claimed and embedded while this one is written (provider and Postgres overlap).
+        # With a delay the slot is held through the write and the pause, as the seeds' script
+        # paced its batches.
+        overlap = not self._config.delay_ms
         try:
-            await self._process(claim)
-            finished = True
+            await self._process(claim, on_embedded=slot.release if overlap else _nothing)
         except DatabaseUnavailable as exc:
             # The database stayed away longer than our lease: the claims are lost anyway
             # (another worker reclaims them once the lease lapses). Keep the worker alive.
@@ -296,23 +302,26 @@ class Worker:
         except anyio.get_cancelled_exc_class():
             if not self._abort_requested:
                 await self._release(claim)
+            slot.release()
             raise
         except ConfigurationError:
             await self._release(claim)
+            slot.release()
+            raise
+        except BaseException:
+            slot.release()
             raise
         finally:
             self._inflight.pop(claim.token, None)
             self._changed.set()
             structlog.contextvars.unbind_contextvars("claim")
-            if not finished:
-                slots.release()
         # The pause between batches (run-embedding-processor.sh's DELAY): this slot claims
         # again only after delay_ms, counted from the end of the batch.
         try:
             if self._config.delay_ms:
                 await self._sleep(self._config.delay_ms / 1000)
         finally:
-            slots.release()
+            slot.release()
 
     async def _release(self, claim: Claim) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
@@ -327,7 +336,9 @@ class Worker:
 
     # --- one batch ---------------------------------------------------------------------
 
-    async def _process(self, claim: Claim) -> None:
+    async def _process(self, claim: Claim, *, on_embedded: Callable[[], None]) -> None:
+        """One batch: validate, embed, then write and acknowledge. ``on_embedded`` is called
+        once the provider is done, before the database work."""
         started = time.monotonic()
         targets = await self._resolve_targets(claim.items)
         failures: list[tuple[QueueItem, str]] = []
@@ -361,11 +372,17 @@ class Worker:
                 else:
                     writes.append(queue.Write(item, target, key, vector))
         except TransientError as exc:
-            await self._retry_later(claim, [item for item, _, _ in work], failures, exc, started)
+            on_embedded()
+            async with self._write_slots:
+                await self._retry_later(
+                    claim, [item for item, _, _ in work], failures, exc, started
+                )
             return
+        on_embedded()
 
         usage = queue.Usage(self._config.owner, len(work), tokens, requests)
-        outcome = await self._complete(claim, writes, failures, usage)
+        async with self._write_slots:
+            outcome = await self._complete(claim, writes, failures, usage)
         self.summary.processed += len(outcome.done) - len(outcome.missing)
         self.summary.skipped += len(outcome.missing)
         self.summary.failed += len(outcome.failed)
@@ -647,6 +664,23 @@ def caller_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
         if isinstance(leaf, ConfigurationError):
             return leaf
     return leaves[0] if len(leaves) == 1 else None
+
+
+class _Slot:
+    """One concurrency slot, released at most once."""
+
+    def __init__(self, semaphore: anyio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _unregistered(item: QueueItem) -> str:
