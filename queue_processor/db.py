@@ -105,13 +105,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def statement(name: str, **identifiers: str | sql.Composable) -> sql.Composed | sql.SQL:
+def statement(
+    name: str, *, source: str = "queries.sql", **identifiers: str | sql.Composable
+) -> sql.Composed | sql.SQL:
     """The named statement from queries.sql with its ``{identifier}`` slots filled.
 
     Plain strings are wrapped in ``sql.Identifier``; pass ``sql.SQL`` for fragments the caller
     built from the target registry (never from queue row values).
     """
-    text = sql.SQL(queries.get(name))
+    text = sql.SQL(queries.get(name, source))
     if not identifiers:
         return text
     filled = {k: sql.Identifier(v) if isinstance(v, str) else v for k, v in identifiers.items()}

@@ -14,11 +14,9 @@ in ``demo.sql``; identifiers are composed with ``psycopg.sql``, values are bound
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -36,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from queue_processor import queue
-from queue_processor.db import Database, Row, StatementFailed, float4_array
+from queue_processor.db import Database, Row, StatementFailed, float4_array, statement
 from queue_processor.errors import ConfigurationError, PermanentError
 from queue_processor.migrations import migrate
 from queue_processor.providers.base import EmbeddingProvider, Vector
@@ -67,8 +65,6 @@ REWRITE: dict[str, str] = {
 }
 """The row the demo rewrites (a cooking note becomes an astronomy note) and its new content."""
 
-_BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-
 
 @dataclass(frozen=True)
 class DemoDocument:
@@ -94,23 +90,9 @@ def load_documents() -> list[DemoDocument]:
     return documents
 
 
-@cache
-def _statements() -> dict[str, str]:
-    text = resources.files("queue_processor").joinpath("demo.sql").read_text(encoding="utf-8")
-    parts = _BLOCK.split(text)
-    found: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in found:
-            raise ValueError(f"demo.sql defines {name!r} twice")
-        lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
-        found[name] = "\n".join(lines).strip().rstrip(";")
-    return found
-
-
 def _statement(name: str, **parts: sql.Composable) -> sql.Composed | sql.SQL:
     """The named statement from demo.sql with its ``{slots}`` filled by composables."""
-    query = sql.SQL(_statements()[name])
-    return query.format(**parts) if parts else query
+    return statement(name, source="demo.sql", **parts)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ _BLOCK = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
 @cache
-def _all() -> dict[str, str]:
-    text = resources.files("queue_processor").joinpath("queries.sql").read_text(encoding="utf-8")
+def _all(filename: str = "queries.sql") -> dict[str, str]:
+    text = resources.files("queue_processor").joinpath(filename).read_text(encoding="utf-8")
     parts = _BLOCK.split(text)
     queries: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
-            raise ValueError(f"queries.sql defines {name!r} twice")
+            raise ValueError(f"{filename} defines {name!r} twice")
         # Full-line comments document the file; they are not sent (and so can never hold a
         # stray parameter placeholder).
         lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
@@ -30,9 +30,10 @@ def _all() -> dict[str, str]:
     return queries
 
 
-def get(name: str) -> str:
-    """The SQL text of the statement called ``name``; KeyError if there is none."""
-    return _all()[name]
+def get(name: str, filename: str = "queries.sql") -> str:
+    """The SQL text of the statement called ``name`` in ``filename`` (a package file in the
+    same format, e.g. demo.sql); KeyError if there is none."""
+    return _all(filename)[name]
 
 
 def names() -> list[str]:

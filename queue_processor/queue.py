@@ -11,7 +11,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -24,8 +24,6 @@ from queue_processor.errors import PermanentError
 from queue_processor.models import (
     Claim,
     ClaimToken,
-    ColumnType,
-    IdType,
     QueueId,
     QueueItem,
     Target,
@@ -37,21 +35,9 @@ BackfillMode = Literal["none", "missing", "all"]
 
 
 def _target(row: Row) -> Target:
-    return Target(
-        table_name=row["table_name"],
-        embedding_column=row["embedding_column"],
-        schema_name=row["schema_name"],
-        relation_name=row["relation_name"],
-        id_column=row["id_column"],
-        id_type=cast(IdType, row["id_type"]),
-        content_columns=tuple(row["content_columns"]),
-        content_template=row["content_template"],
-        column_type=cast(ColumnType, row["column_type"]),
-        dimensions=row["dimensions"],
-        model=row["model"],
-        model_column=row["model_column"],
-        generated_at_column=row["generated_at_column"],
-    )
+    # list_targets selects exactly Target's fields; the CHECK constraints on
+    # embedding_targets guarantee id_type and column_type are among the Literal values.
+    return Target(**{**row, "content_columns": tuple(row["content_columns"])})
 
 
 async def list_targets(db: Database) -> list[Target]:
