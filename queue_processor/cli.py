@@ -767,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="process the queue (continuously, --drain or --once)",
         description="Claim batches, embed them, write the vectors and mark items done.",
     )
-    p.add_argument("--batch-size", type=_positive_int, help="items per batch (default 100)")
+    p.add_argument("--batch-size", type=_positive_int, help="items per batch (default 500)")
     p.add_argument(
         "--delay-ms", type=_non_negative_int, help="pause between batches in ms (default 0)"
     )

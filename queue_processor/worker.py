@@ -372,16 +372,18 @@ class Worker:
                 else:
                     writes.append(queue.Write(item, target, key, vector))
         except TransientError as exc:
-            on_embedded()
             async with self._write_slots:
+                on_embedded()
                 await self._retry_later(
                     claim, [item for item, _, _ in work], failures, exc, started
                 )
             return
-        on_embedded()
 
         usage = queue.Usage(self._config.owner, len(work), tokens, requests)
+        # Take a write slot before giving the claim slot back: at most `concurrency` batches
+        # write while as many embed, so finished vectors never pile up in memory.
         async with self._write_slots:
+            on_embedded()
             outcome = await self._complete(claim, writes, failures, usage)
         self.summary.processed += len(outcome.done) - len(outcome.missing)
         self.summary.skipped += len(outcome.missing)

@@ -84,8 +84,12 @@ from queue_processor.logconfig import configure_logging  # noqa: E402
 from queue_processor.migrations import migrate  # noqa: E402
 from queue_processor.providers.base import EmbeddingProvider  # noqa: E402
 from queue_processor.providers.openai import OpenAIProvider  # noqa: E402
+from queue_processor.settings import Settings  # noqa: E402
 from queue_processor.targets import parse_record_id  # noqa: E402
 from queue_processor.worker import Worker, WorkerConfig  # noqa: E402
+
+# The CLI's defaults (what `queue-processor run` does with no flags and no environment).
+DEFAULTS = Settings.model_construct()
 
 SECTIONS = ("floor", "pipeline", "latency", "local", "trigger", "claim", "memory", "cache")
 MODEL = "text-embedding-3-small"
@@ -1029,7 +1033,7 @@ def section_pipeline(ctx: Context) -> None:
     ctx.report.add(
         Line(
             "pipeline",
-            "default CLI (batch 100, concurrency 1)",
+            f"default CLI (batch {DEFAULTS.batch_size}, concurrency {DEFAULTS.concurrency})",
             default_rate,
             "rows/s",
             ratio=default_ratio,
@@ -1099,7 +1103,7 @@ def section_latency(ctx: Context) -> None:
                 check_drained(dsn, rows, best)
             results[best].append(drain)
             _progress(f"latency {best}: {drain.rate:,.0f} rows/s, wall {drain.wall_seconds:.1f}s")
-        # The CLI defaults, on fewer rows (one request per 100 rows, one batch at a time).
+        # The CLI defaults, on fewer rows (one batch at a time).
         default_template = cluster.loaded(ctx.corpus, sizes.latency_default_rows)
         with cluster.fresh(default_template) as dsn:
             default = drain_processes(dsn, server.base_url, 1)
@@ -1157,7 +1161,8 @@ def section_latency(ctx: Context) -> None:
     ctx.report.add(
         Line(
             "latency",
-            "default CLI (batch 100, concurrency 1): wall for 100k",
+            f"default CLI (batch {DEFAULTS.batch_size}, concurrency {DEFAULTS.concurrency}): "
+            "wall for 100k",
             default_projected,
             "s",
             note=f"projected from {sizes.latency_default_rows} rows at {default.rate:,.0f} rows/s",
@@ -1497,7 +1502,7 @@ def section_memory(ctx: Context) -> None:
     sizes, cluster = ctx.sizes, ctx.cluster
     small, large = sizes.memory_rows
     detail: dict[str, Any] = {
-        "config": "CLI defaults (batch 100, concurrency 1)",
+        "config": f"CLI defaults (batch {DEFAULTS.batch_size}, concurrency {DEFAULTS.concurrency})",
         "method": "max VmHWM of /proc/<pid>/status polled every 20 ms",
     }
     rss: dict[int, list[int]] = {small: [], large: []}

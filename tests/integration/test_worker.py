@@ -555,6 +555,36 @@ async def test_concurrency_three_processes_everything_once(
     assert server.max_in_flight >= 2  # batches overlapped
 
 
+async def test_claims_stay_bounded_when_writes_are_slower_than_embedding(
+    dsn: str, server: FakeOpenAIServer, start: Starter
+) -> None:
+    """The next batch is claimed and embedded while one is written, but finished batches never
+    pile up behind a slow write: at most concurrency batches embed and as many write."""
+    contents = make_docs(dsn, 120)
+    execute(
+        dsn,
+        "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.15); RETURN NULL; END $$",
+    )
+    execute(
+        dsn,
+        "CREATE TRIGGER slow_write AFTER UPDATE ON docs "
+        "FOR EACH STATEMENT EXECUTE FUNCTION slow_write()",
+    )
+    running = await start(worker_config(batch_size=10, concurrency=1))
+    most_claimed = 0
+    while status_counts(dsn).get("done", 0) < 120:
+        rows = await aexecute(
+            dsn, "SELECT count(*) AS n FROM embedding_queue WHERE status = 'processing'"
+        )
+        most_claimed = max(most_claimed, int(rows[0]["n"]))
+        await anyio.sleep(0.02)
+    running.worker.stop()
+    await running.wait(timeout_s=10)
+    assert_vectors(dsn, contents)
+    assert 10 < most_claimed <= 20  # overlapped, and bounded by 2 x batch x concurrency
+
+
 async def test_continuous_mode_wakes_on_notify(dsn: str, start: Starter) -> None:
     make_docs(dsn, 0)
     running = await start(worker_config(poll_interval_seconds=30), "continuous")
