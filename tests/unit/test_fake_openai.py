@@ -227,10 +227,14 @@ def test_random_faults_are_reproducible_with_a_seed(client: httpx.Client) -> Non
 
 
 def test_max_in_flight_counts_concurrent_requests(server: FakeOpenAIServer) -> None:
-    server.latency_s = 0.2
+    # Each request is held 1 s and all three are sent together, so they overlap at the server
+    # even on a loaded machine.
+    server.latency_s = 1.0
+    together = threading.Barrier(3)
 
     def one() -> None:
         with httpx.Client(timeout=10) as http:
+            together.wait(timeout=10)
             assert embed(http, server, ["x"]).status_code == 200
 
     threads = [threading.Thread(target=one) for _ in range(3)]
