@@ -34,8 +34,3 @@ def get(name: str, filename: str = "queries.sql") -> str:
     """The SQL text of the statement called ``name`` in ``filename`` (a package file in the
     same format, e.g. demo.sql); KeyError if there is none."""
     return _all(filename)[name]
-
-
-def names() -> list[str]:
-    """Every statement name, sorted (for tests)."""
-    return sorted(_all())

@@ -40,8 +40,7 @@ SELECT embedding_register_target(
     p_model => %(model)s,
     p_dimensions => %(dimensions)s,
     p_model_column => %(model_column)s,
-    p_generated_at_column => %(generated_at_column)s,
-    p_backfill => %(backfill)s
+    p_generated_at_column => %(generated_at_column)s
 ) AS table_name;
 
 -- name: unregister_target

@@ -31,8 +31,6 @@ from queue_processor.models import (
 
 log = structlog.get_logger(__name__)
 
-BackfillMode = Literal["none", "missing", "all"]
-
 
 def _target(row: Row) -> Target:
     # list_targets selects exactly Target's fields; the CHECK constraints on
@@ -59,9 +57,9 @@ async def register_target(
     dimensions: int | None = None,
     model_column: str | None = None,
     generated_at_column: str | None = None,
-    backfill: BackfillMode = "none",
 ) -> str:
     """Register ``table.column`` and install its triggers; return the queue's table label.
+    Existing rows are queued separately, with ``backfill``.
 
     ``table`` is parsed by PostgreSQL as a regclass: ``sessions``, ``app.sessions`` or
     ``"My Schema"."My Table"``.
@@ -80,13 +78,11 @@ async def register_target(
                 "dimensions": dimensions,
                 "model_column": model_column,
                 "generated_at_column": generated_at_column,
-                "backfill": backfill,
             },
         )
-        await db.execute(conn, statement("notify_queue"))
     assert row is not None
     label = str(row["table_name"])
-    log.info("target_registered", table=label, column=column, backfill=backfill)
+    log.info("target_registered", table=label, column=column)
     return label
 
 

@@ -150,7 +150,6 @@ class Worker:
         self._inflight: dict[ClaimToken, list[QueueId]] = {}
         self._targets: dict[tuple[str, str], Target] = {}
         self._targets_loaded_at = -math.inf
-        self._batches_scope: anyio.CancelScope | None = None
         # At most ``concurrency`` batches write at once (and as many more embed meanwhile).
         self._write_slots = anyio.Semaphore(config.concurrency)
         self._run_scope: anyio.CancelScope | None = None
@@ -204,7 +203,6 @@ class Worker:
                     if mode == "continuous":
                         side.start_soon(self._listen_loop)
                     async with anyio.create_task_group() as batches:
-                        self._batches_scope = batches.cancel_scope
                         await self._claim_loop(batches, mode)
                         if self._stop_requested and self._inflight:
                             log.info(

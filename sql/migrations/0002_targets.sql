@@ -129,6 +129,24 @@ BEGIN
 END;
 $$;
 
+-- The registry row of a target; raises undefined_object when it is not registered.
+CREATE FUNCTION embedding_target(p_table_name text, p_embedding_column text)
+RETURNS embedding_targets
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT AS $$
+DECLARE
+    t embedding_targets;
+BEGIN
+    SELECT * INTO t FROM embedding_targets
+     WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no registered target %.%', p_table_name, p_embedding_column
+              USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN t;
+END;
+$$;
+
 -- Queue rows of a registered target: 'missing' (target column NULL), 'all' (re-embed every
 -- row, e.g. after a model change) or the given ids. Returns how many rows were queued.
 -- Rows already queued go back to pending with their current content. Rows are queued in key
@@ -148,12 +166,7 @@ DECLARE
     filter text;
     n bigint;
 BEGIN
-    SELECT * INTO t FROM embedding_targets
-     WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no registered target %.%', p_table_name, p_embedding_column
-              USING ERRCODE = 'undefined_object';
-    END IF;
+    t := embedding_target(p_table_name, p_embedding_column);
     filter := CASE p_mode
         WHEN 'missing' THEN format('r.%I IS NULL', t.embedding_column)
         WHEN 'all' THEN 'true'

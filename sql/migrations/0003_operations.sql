@@ -107,12 +107,7 @@ SET search_path FROM CURRENT AS $$
 DECLARE
     t embedding_targets;
 BEGIN
-    SELECT * INTO t FROM embedding_targets
-     WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no registered target %.%', p_table_name, p_embedding_column
-              USING ERRCODE = 'undefined_object';
-    END IF;
+    t := embedding_target(p_table_name, p_embedding_column);
     IF p_mode NOT IN ('missing', 'all') THEN
         RAISE EXCEPTION 'estimate mode must be missing or all, not %', quote_literal(p_mode);
     END IF;
