@@ -11,7 +11,8 @@ Exposed names (``queue_processor_`` prefix):
 - ``tokens_total``  tokens the provider reported (estimated where it reported none)
 - ``lease_reclaims_total``  expired leases of dead or stalled workers taken over by ours
 - ``batch_seconds``  histogram of one batch from claim to acknowledgement
-- ``queue_depth{status}``  queue rows by status, refreshed by ``QueueDepthPoller``
+- ``queue_depth{status}``  queue rows by status (``inbox``: bulk-inserted keys not yet
+  queued), refreshed by ``QueueDepthPoller``
 - ``last_progress_timestamp_seconds``  Unix time of the worker loop's last claim or batch
 
 ``MetricsServer`` serves ``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200

@@ -109,6 +109,11 @@ UPDATE embedding_queue AS q
 RETURNING q.id, q.table_name, q.record_id, q.embedding_column, q.content, q.attempts,
           q.generation, q.status, p.reclaimed;
 
+-- name: expand_inbox
+-- Turn up to %(max_rows)s keys of a bulk insert's inbox row into queue rows (0005_inbox.sql);
+-- run, and committed, just before a claim. Returns 0 when there is nothing to expand.
+SELECT embedding_queue_expand(%(max_rows)s) AS taken;
+
 -- name: renew_leases
 -- Extend the lease of items this claim still holds (a slow batch is not stolen).
 UPDATE embedding_queue
@@ -221,6 +226,12 @@ SELECT table_name, embedding_column, status, count
   FROM embedding_queue_status
  ORDER BY table_name, embedding_column, status;
 
+-- name: inbox_status
+-- Bulk inserts not yet expanded into queue rows, per target.
+SELECT table_name, embedding_column, statements, rows
+  FROM embedding_queue_inbox_status
+ ORDER BY table_name, embedding_column;
+
 -- name: status_summary
 -- Depth, oldest pending age and throughput (one row).
 SELECT * FROM embedding_queue_summary;
@@ -267,11 +278,16 @@ DELETE FROM embedding_usage WHERE at < now() - make_interval(secs => %(older_tha
 
 -- name: estimate_pending
 -- Pending work for the estimate: items and an estimated token count (4 bytes per token,
--- the same estimate the providers use) per target.
-SELECT table_name, embedding_column, count(*) AS items,
-       coalesce(sum(greatest(1, ceil(octet_length(content) / 4.0))), 0)::bigint AS tokens
-  FROM embedding_queue
- WHERE status IN ('pending', 'processing') AND content IS NOT NULL
+-- the same estimate the providers use) per target, bulk inserts not yet expanded included.
+SELECT table_name, embedding_column, sum(items)::bigint AS items, sum(tokens)::bigint AS tokens
+  FROM (SELECT table_name, embedding_column, count(*) AS items,
+               coalesce(sum(greatest(1, ceil(octet_length(content) / 4.0))), 0) AS tokens
+          FROM embedding_queue
+         WHERE status IN ('pending', 'processing') AND content IS NOT NULL
+         GROUP BY table_name, embedding_column
+        UNION ALL
+        SELECT target_table, target_column, items, tokens
+          FROM embedding_queue_inbox_estimate()) AS w
  GROUP BY table_name, embedding_column
  ORDER BY table_name, embedding_column;
 
@@ -346,4 +362,7 @@ ON CONFLICT DO NOTHING;
 -- hot table every few seconds: `purge` keeps done rows from piling up.
 SELECT status, count(*)::bigint AS count
   FROM embedding_queue
- GROUP BY status;
+ GROUP BY status
+UNION ALL
+-- Keys of bulk inserts still in the inbox, under the pseudo-status 'inbox'.
+SELECT 'inbox', coalesce(sum(rows), 0)::bigint FROM embedding_queue_inbox_status;

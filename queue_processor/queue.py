@@ -156,6 +156,12 @@ class CompleteResult:
     lost: tuple[QueueId, ...]
 
 
+# How many inbox keys a claim expands first: a few batches' worth, so the queue stays ahead of
+# the claims, while one expansion (an INSERT of that many queue rows) stays short.
+EXPAND_FACTOR = 4
+EXPAND_MIN = 1000
+
+
 async def claim_batch(
     db: Database,
     *,
@@ -164,9 +170,16 @@ async def claim_batch(
     lease_seconds: float,
     max_attempts: int,
 ) -> ClaimResult:
-    """Claim up to ``limit`` items in one committed statement (see queries.sql)."""
+    """Claim up to ``limit`` items in one committed statement (see queries.sql).
+
+    Keys of bulk inserts waiting in the inbox are turned into queue rows first (a slice of
+    ``EXPAND_FACTOR * limit`` keys, committed on its own), so they become claimable.
+    """
     token = ClaimToken(uuid.uuid4())
     async with db.connection(autocommit=True) as conn:
+        await db.execute(
+            conn, statement("expand_inbox"), {"max_rows": max(EXPAND_MIN, EXPAND_FACTOR * limit)}
+        )
         rows = await db.fetch_all(
             conn,
             statement("claim_batch"),
@@ -382,17 +395,20 @@ class StatusReport:
     summary: Row
     usage: list[Row]
     failures: list[Row]
+    inbox: list[Row]
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
-    """Counts by table/column/status, depth and throughput, usage, recent failures."""
+    """Counts by table/column/status, depth and throughput, usage, recent failures, and bulk
+    inserts not yet expanded into queue rows."""
     async with db.connection() as conn:
         counts = await db.fetch_all(conn, statement("status_counts"))
         summary = await db.fetch_one(conn, statement("status_summary"))
         usage = await db.fetch_all(conn, statement("usage_summary"))
         failures = await db.fetch_all(conn, statement("recent_failures"), {"limit": failures_limit})
+        inbox = await db.fetch_all(conn, statement("inbox_status"))
     assert summary is not None
-    return StatusReport(counts, summary, usage, failures)
+    return StatusReport(counts, summary, usage, failures, inbox)
 
 
 async def requeue_failed(

@@ -66,6 +66,7 @@ def status_json(report: StatusReport, price_override: float | None) -> dict[str,
         "summary": report.summary,
         "usage": usage,
         "recent_failures": report.failures,
+        "inbox": report.inbox,
     }
 
 
@@ -104,6 +105,14 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
             f"{s['done_last_15m']}"
         ),
     ]
+    for row in report.inbox:
+        lines.append(
+            Text(
+                f"bulk inserts into {row['table_name']}.{row['embedding_column']}: "
+                f"{row['rows']} rows from {row['statements']} statement(s) not yet queued "
+                "(a running worker queues them before it claims)"
+            )
+        )
     for row in report.usage:
         price = price_per_million(row["model"], price_override)
         tokens = int(row["tokens_total"] or 0)

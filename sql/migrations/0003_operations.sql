@@ -79,9 +79,14 @@ BEGIN
     EXECUTE format('GRANT SELECT ON %I.embedding_queue_summary, %I.embedding_queue_status, '
                    '%I.embedding_usage_summary, %I.embedding_queue_failures TO %I',
                    qs, qs, qs, qs, p_role);
-    -- The opt-in cache (0004); looked up at call time, so it may be created later.
+    -- The opt-in cache (0004) and the bulk-insert inbox's status (0005; expanding needs no
+    -- grant, embedding_queue_expand is SECURITY DEFINER); looked up at call time, since
+    -- they are created by later migrations.
     IF to_regclass(format('%I.embedding_cache', qs)) IS NOT NULL THEN
         EXECUTE format('GRANT SELECT, INSERT ON %I.embedding_cache TO %I', qs, p_role);
+    END IF;
+    IF to_regclass(format('%I.embedding_queue_inbox_status', qs)) IS NOT NULL THEN
+        EXECUTE format('GRANT SELECT ON %I.embedding_queue_inbox_status TO %I', qs, p_role);
     END IF;
     FOR t IN SELECT * FROM embedding_targets LOOP
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', t.schema_name, p_role);

@@ -5,7 +5,8 @@ module is deselected). Targets use the column types that need no extension: ``re
 ``double precision[]``, ``jsonb`` and ``bytea``. Covers: migrating a fresh database twice,
 the seed statements verbatim, and for every column type: register, multi-row insert, content
 update re-pending a done row, unrelated updates queueing nothing, blank content (dequeued and
-the stored embedding cleared), delete, truncate, backfill and notify.
+the stored embedding cleared), delete, truncate, backfill, notify, and a bulk insert through
+the inbox.
 """
 
 from __future__ import annotations
@@ -233,6 +234,31 @@ def test_trigger_lifecycle(docs: tuple[Conn, str], novector_dsn: str) -> None:
 
     conn.execute("TRUNCATE docs")
     assert queue(conn) == {}
+
+
+def test_bulk_insert_through_the_inbox(docs: tuple[Conn, str]) -> None:
+    conn, column_type = docs
+    conn.execute("SET queue_processor.bulk_rows = 50")
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO docs (id, title, body, embedding, embedding_model)"
+            " SELECT g, CASE WHEN g > 2 THEN 'T' || g END, CASE WHEN g > 2 THEN 'b' END,"
+            " {}, 'm' FROM generate_series(1, 60) AS g"
+        ).format(sql.SQL(STORED[column_type]))
+    )
+    assert set(queue(conn)) == {"100"}
+    inbox = conn.execute("SELECT total, expanded FROM embedding_queue_inbox").fetchall()
+    assert inbox == [{"total": 60, "expanded": 0}]
+    # Rows 1 and 2 have blank content: the stored values supplied with them are cleared.
+    cleared = conn.execute(
+        "SELECT array_agg(id ORDER BY id) AS ids FROM docs WHERE embedding IS NULL"
+    ).fetchone()
+    assert cleared == {"ids": [1, 2, 100]}
+    assert conn.execute("SELECT embedding_queue_expand(40) AS n").fetchone() == {"n": 40}
+    assert conn.execute("SELECT embedding_queue_expand(40) AS n").fetchone() == {"n": 20}
+    rows = queue(conn)
+    assert len(rows) == 1 + 58
+    assert rows["60"]["content"] == "Title: T60\nBody: b"
 
 
 def test_unregister(docs: tuple[Conn, str]) -> None:

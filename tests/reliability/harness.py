@@ -272,10 +272,17 @@ def counts(dsn: str) -> Counter[str]:
     return Counter({r["status"]: int(r["n"]) for r in rows})
 
 
+def inbox_rows(dsn: str) -> int:
+    """Keys of bulk inserts not yet expanded into queue rows (workers expand them)."""
+    rows = execute(dsn, "SELECT coalesce(sum(total - expanded), 0) AS n FROM embedding_queue_inbox")
+    return int(rows[0]["n"])
+
+
 def unfinished(dsn: str) -> int:
-    """Queue rows still pending or processing."""
+    """Work not finished: queue rows pending or processing, and bulk-inserted keys not yet
+    queued."""
     c = counts(dsn)
-    return c["pending"] + c["processing"]
+    return c["pending"] + c["processing"] + inbox_rows(dsn)
 
 
 def held_by(dsn: str, owner: str) -> list[int]:

@@ -1,5 +1,6 @@
-"""Load: 200,000 queued rows drained by four worker processes (batches of 1,000, an instant
-fake provider, 8-dimensional vectors).
+"""Load: 200,000 rows inserted by one statement (their keys wait in the bulk-insert inbox;
+half is expanded up front, the workers expand the rest as they claim) drained by four worker
+processes (batches of 1,000, an instant fake provider, 8-dimensional vectors).
 
 Asserted: the drain completes, every row holds the vector of its content, and afterwards, with
 200,000 done rows in the table, the claim query still reads pending rows through the partial
@@ -23,6 +24,7 @@ from tests.reliability.harness import (
     Workers,
     assert_embeddings_are_of,
     counts,
+    inbox_rows,
     report,
     worker_env,
 )
@@ -80,8 +82,12 @@ def test_two_hundred_thousand_rows_drain_with_flat_memory_and_indexed_claims(
         " FROM generate_series(1, %s) AS g",
         (ROWS,),
     )
-    assert counts(dsn) == {"pending": ROWS}
-    # The claim plan with a fresh 200,000-row backlog (not analyzed yet, as after a backfill).
+    # One statement: its keys wait in the inbox, nothing is queued yet.
+    assert (counts(dsn), inbox_rows(dsn)) == ({}, ROWS)
+    # Half is expanded here, the rest by the workers while they drain.
+    execute(dsn, "SELECT embedding_queue_expand(%s)", (ROWS // 2,))
+    assert (counts(dsn), inbox_rows(dsn)) == ({"pending": ROWS // 2}, ROWS // 2)
+    # The claim plan with a fresh 100,000-row backlog (not analyzed yet, as after a backfill).
     plans = {"backlog": claim_plan(dsn)}
     env = worker_env(dsn, fake, QUEUE_PROCESSOR_BATCH_SIZE=BATCH)
     started = time.monotonic()
@@ -105,7 +111,7 @@ def test_two_hundred_thousand_rows_drain_with_flat_memory_and_indexed_claims(
     exit_codes = [w.wait(10) for w in running]
 
     assert exit_codes == [0] * WORKERS, [w.tail() for w in running]
-    assert counts(dsn) == {"done": ROWS}
+    assert (counts(dsn), inbox_rows(dsn)) == ({"done": ROWS}, 0)
     assert_embeddings_are_of(dsn, {i: body(i) for i in range(1, ROWS + 1)})
     processed = [sum(e["done"] for e in w.events("batch_done")) for w in running]
     assert sum(processed) == ROWS
