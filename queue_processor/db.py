@@ -1,8 +1,9 @@
 """The only module that knows psycopg and psycopg_pool.
 
 ``Database`` owns a connection pool (an async context manager with an explicit lifecycle),
-sets each connection's search_path to the queue schema, registers the binary float4[] dumper
-used to ship vectors, and translates driver errors into queue_processor's exception tree:
+sets each connection's search_path to the queue schema, registers the binary dumpers used to
+ship vectors (pgvector's ``vector[]``; ``real[]`` for the other column types), and
+translates driver errors into queue_processor's exception tree:
 
 - connection loss, pool timeouts, deadlocks and serialization failures -> DatabaseUnavailable
 - any other error raised by a statement -> StatementFailed (keeps the SQLSTATE)
@@ -76,6 +77,46 @@ class Float4ArrayDumper(Dumper):
         body["len"] = 4
         body["val"] = arr
         return header + body.tobytes()
+
+
+class VectorBatch:
+    """The vectors of one write, rows of a 2-D float32 matrix, sent as one binary pgvector
+    ``vector[]`` parameter (see ``_vector_array_dumper``)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: npt.NDArray[np.float32]) -> None:
+        if rows.ndim != 2:
+            raise ValueError(f"a vector batch is a 2-D matrix, not {rows.ndim}-D")
+        self.rows = rows
+
+
+def _vector_array_dumper(vector_oid: int, array_oid: int) -> type[Dumper]:
+    """A dumper of ``VectorBatch`` as a binary ``vector[]`` of this database's pgvector.
+
+    Each element is pgvector's binary form (int16 dimensions, int16 zero, big-endian
+    float32s), so PostgreSQL receives the vectors as they are stored: no real[] to slice and
+    cast per row, and half the bytes of a real[] (whose every element carries a length).
+    """
+
+    class VectorArrayDumper(Dumper):
+        format = Format.BINARY
+        oid = array_oid
+
+        def dump(self, obj: Any) -> Buffer:
+            rows = np.asarray(obj.rows, dtype=np.float32)
+            count, dims = rows.shape
+            body = np.empty(
+                count,
+                dtype=[("len", ">i4"), ("dims", ">i2"), ("unused", ">i2"), ("val", ">f4", (dims,))],
+            )
+            body["len"] = 4 + 4 * dims
+            body["dims"] = dims
+            body["unused"] = 0
+            body["val"] = rows
+            return struct.pack("!iiIii", 1, 0, vector_oid, count, 1) + body.tobytes()
+
+    return VectorArrayDumper
 
 
 def float4_array(values: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -183,6 +224,12 @@ class Database:
                 sql.Literal(sql.Identifier(self.schema).as_string(conn) + ", public")
             )
         )
+        # pgvector's type oids differ per database (and it may be absent: then no target
+        # can be a vector column).
+        cur = await conn.execute(statement("vector_type_oids"))
+        found = await cur.fetchone()
+        if found is not None:
+            conn.adapters.register_dumper(VectorBatch, _vector_array_dumper(*found))
         await conn.commit()
 
     async def open(self) -> None:

@@ -145,7 +145,7 @@ SELECT id FROM embedding_queue
    FOR UPDATE;
 
 -- name: write_vectors
--- Write a batch of vectors of one target in one statement. %(vectors)b is every vector of the
+-- Write a batch of vectors of one target (real[], double precision[] or jsonb) in one statement. %(vectors)b is every vector of the
 -- batch concatenated into one binary real[]; row k takes its slice. real[] converts to the
 -- column type by assignment (pgvector's vector/halfvec casts, real[] -> double precision[]);
 -- {value} is to_jsonb(v.vec) for jsonb. The EXISTS re-checks the claim (locked above).
@@ -155,6 +155,17 @@ UPDATE {schema}.{table} AS t
                (%(vectors)b::real[])[(k.ord - 1) * %(dims)s + 1 : k.ord * %(dims)s] AS vec
           FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[]) WITH ORDINALITY AS k(id, qid, ord)
        ) AS v
+ WHERE t.{id_column} = v.id
+   AND EXISTS (SELECT 1 FROM embedding_queue AS q
+                WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
+RETURNING v.qid;
+
+-- name: write_pgvector
+-- As write_vectors, for vector and halfvec targets: %(vectors)b is one binary vector[] (the
+-- batch's vectors in pgvector's own format; halfvec columns take them by pgvector's cast).
+UPDATE {schema}.{table} AS t
+   SET {column} = v.vec{companions}
+  FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[], %(vectors)b) AS v(id, qid, vec)
  WHERE t.{id_column} = v.id
    AND EXISTS (SELECT 1 FROM embedding_queue AS q
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
@@ -318,6 +329,12 @@ SELECT items, tokens FROM embedding_queue_estimate(%(table_name)s, %(column)s, %
 -- name: grant_worker
 -- Grant a role the worker's least privileges (see 0003_operations.sql).
 SELECT embedding_grant_worker(%(role)s) AS targets;
+
+-- name: vector_type_oids
+-- pgvector's vector type and its array type in this database (no row without pgvector).
+SELECT t.oid, t.typarray
+  FROM pg_type t JOIN pg_extension e ON e.extnamespace = t.typnamespace
+ WHERE e.extname = 'vector' AND t.typname = 'vector';
 
 -- name: vector_extension_schema
 -- Where pgvector is installed (NULL when it is not).

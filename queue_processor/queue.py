@@ -19,7 +19,7 @@ import structlog
 from psycopg import sql
 
 from queue_processor import targets
-from queue_processor.db import Database, Row, float4_array, statement
+from queue_processor.db import Database, Row, VectorBatch, float4_array, statement
 from queue_processor.errors import PermanentError
 from queue_processor.models import (
     Claim,
@@ -313,6 +313,9 @@ def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) 
     dims = {int(w.vector.shape[0]) for w in group}
     if len(dims) != 1:
         raise ValueError(f"one write batch mixes vector dimensions {sorted(dims)}")
+    if group[0].target.column_type in ("vector", "halfvec"):
+        params["vectors"] = VectorBatch(np.stack([w.vector for w in group]))
+        return params
     params["dims"] = dims.pop()
     params["vectors"] = float4_array(np.concatenate([w.vector for w in group]))
     return params

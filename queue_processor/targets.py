@@ -102,7 +102,13 @@ def lock_statement(target: Target) -> sql.Composed | sql.SQL:
 
 def write_statement(target: Target) -> sql.Composed | sql.SQL:
     """The UPDATE that writes one batch of vectors into this target."""
-    name = "write_vectors_bytea" if target.column_type == "bytea" else "write_vectors"
+    match target.column_type:
+        case "vector" | "halfvec":
+            name = "write_pgvector"
+        case "bytea":
+            name = "write_vectors_bytea"
+        case _:
+            name = "write_vectors"
     return statement(
         name,
         schema=target.schema_name,
