@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--delay-ms", type=_non_negative_int, help="pause between batches in ms (default 0)"
     )
-    p.add_argument("--concurrency", type=_positive_int, help="batches in flight (default 1)")
+    p.add_argument("--concurrency", type=_positive_int, help="batches in flight (default 2)")
     once = p.add_mutually_exclusive_group()
     once.add_argument(
         "--drain", action="store_true", help="exit when nothing is claimable, with a summary"

@@ -307,6 +307,18 @@ class Database:
             cur = await conn.execute(query, params)
             return cur.rowcount
 
+    async def transaction_pipelined(
+        self, statements: Sequence[tuple[Query, Params | None]]
+    ) -> list[list[Row]]:
+        """Run ``statements`` in one transaction, sent together in pipeline mode (BEGIN, the
+        statements and COMMIT cost one round trip, not one each), and return each statement's
+        rows. A failing statement rolls the whole transaction back and raises."""
+        async with self.connection(autocommit=True) as conn:
+            with translate_errors():
+                async with conn.pipeline(), conn.transaction():
+                    cursors = [await conn.execute(q, p) for q, p in statements]
+                return [await c.fetchall() if c.description else [] for c in cursors]
+
     @staticmethod
     async def execute_many(
         conn: psycopg.AsyncConnection[Row], query: Query, params_seq: Sequence[Params]

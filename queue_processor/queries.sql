@@ -114,6 +114,11 @@ RETURNING q.id, q.table_name, q.record_id, q.embedding_column, q.content, q.atte
 -- run, and committed, just before a claim. Returns 0 when there is nothing to expand.
 SELECT embedding_queue_expand(%(max_rows)s) AS taken;
 
+-- name: inbox_pending
+-- Whether bulk-insert keys remain to be expanded (asked when a claim found nothing: another
+-- worker may be expanding them, so a draining worker should not stop yet).
+SELECT EXISTS (SELECT 1 FROM embedding_queue_inbox) AS pending;
+
 -- name: renew_leases
 -- Extend the lease of items this claim still holds (a slow batch is not stolen).
 UPDATE embedding_queue
@@ -181,16 +186,21 @@ UPDATE {schema}.{table} AS t
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
 RETURNING v.qid;
 
--- name: ack_done
--- Mark written items done (same transaction as the write). Items whose source row was gone
--- are done too, with a detail saying nothing was written: retrying could never succeed.
+-- name: write_and_ack
+-- Write one target's vectors ({write}: write_pgvector, write_vectors or write_vectors_bytea)
+-- and mark those items done, in one statement. Items still claimed under our token whose
+-- source row was not found are done too, with a detail saying nothing was written (retrying
+-- could never succeed); items no longer claimed are left alone. `missing` reports the former.
+WITH written AS (
+    {write}
+)
 UPDATE embedding_queue AS q
    SET status = 'done', processed_at = now(), updated_at = now(), error_message = NULL,
        claim_token = NULL, lease_expires_at = NULL,
-       detail = CASE WHEN q.id = ANY(%(missing)s::bigint[])
-                     THEN 'source row not found; nothing written' END
- WHERE q.id = ANY(%(ids)s::bigint[]) AND q.status = 'processing' AND q.claim_token = %(token)s
-RETURNING q.id;
+       detail = CASE WHEN q.id IN (SELECT w.qid FROM written AS w) THEN NULL
+                     ELSE 'source row not found; nothing written' END
+ WHERE q.id = ANY(%(qids)s::bigint[]) AND q.status = 'processing' AND q.claim_token = %(token)s
+RETURNING q.id, q.detail IS NOT NULL AS missing;
 
 -- name: fail_items
 -- Permanent failures: each item ends failed with its own message.

@@ -19,7 +19,15 @@ import structlog
 from psycopg import sql
 
 from queue_processor import targets
-from queue_processor.db import Database, Row, VectorBatch, float4_array, statement
+from queue_processor.db import (
+    Database,
+    Params,
+    Query,
+    Row,
+    VectorBatch,
+    float4_array,
+    statement,
+)
 from queue_processor.errors import PermanentError
 from queue_processor.models import (
     Claim,
@@ -124,6 +132,9 @@ class ClaimResult:
     claim: Claim
     reclaimed: int
     exhausted: tuple[QueueItem, ...]
+    # Nothing was claimable, but bulk-insert keys remain in the inbox (another worker is
+    # expanding them right now): more work is coming.
+    inbox_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,14 @@ async def claim_batch(
         )
         reclaimed += bool(row["reclaimed"])
         (exhausted if row["status"] == "failed" else items).append(item)
-    return ClaimResult(Claim(token, owner, tuple(items)), reclaimed, tuple(exhausted))
+    inbox_pending = False
+    if not rows:
+        async with db.connection(autocommit=True) as conn:
+            found = await db.fetch_one(conn, statement("inbox_pending"))
+        inbox_pending = bool(found and found["pending"])
+    return ClaimResult(
+        Claim(token, owner, tuple(items)), reclaimed, tuple(exhausted), inbox_pending
+    )
 
 
 async def renew_leases(
@@ -238,50 +256,40 @@ async def complete(
     by_target: dict[tuple[str, str], list[Write]] = defaultdict(list)
     for w in writes:
         by_target[w.target.key].append(w)
+    groups = [by_target[key] for key in sorted(by_target)]
     all_ids = [w.item.id for w in writes] + [item.id for item, _ in failures]
-    written: set[QueueId] = set()
-    async with db.connection() as conn, conn.transaction():
-        await db.execute(conn, statement("mark_worker_write"))
-        # Source rows first, then queue rows: the enqueue triggers' lock order.
-        for key in sorted(by_target):
-            group = by_target[key]
-            await db.execute(
-                conn, targets.lock_statement(group[0].target), {"ids": [w.key for w in group]}
-            )
-        valid_rows = await db.fetch_all(
-            conn, statement("lock_valid_claims"), {"ids": all_ids, "token": token}
+    # Sent together (pipeline mode), in this order: source rows are locked first, then the
+    # queue rows still claimed under our token (the enqueue triggers' lock order), so nobody
+    # can take a claim over between the check and the write. Each write re-checks the claim
+    # in SQL, so items that are no longer ours are neither written nor acknowledged.
+    steps: list[tuple[Query, Params | None]] = [(statement("mark_worker_write"), None)]
+    steps += [
+        (targets.lock_statement(group[0].target), {"ids": [w.key for w in group]})
+        for group in groups
+    ]
+    steps.append((statement("lock_valid_claims"), {"ids": all_ids, "token": token}))
+    first_write = len(steps)
+    steps += [
+        (
+            statement("write_and_ack", write=targets.write_statement(group[0].target)),
+            _write_params(group, token, model),
         )
-        valid = {QueueId(int(r["id"])) for r in valid_rows}
-        for key in sorted(by_target):
-            group = [w for w in by_target[key] if w.item.id in valid]
-            if not group:
-                continue
-            rows = await db.fetch_all(
-                conn, targets.write_statement(group[0].target), _write_params(group, token, model)
-            )
-            written.update(QueueId(int(r["qid"])) for r in rows)
-        write_ids = [w.item.id for w in writes if w.item.id in valid]
-        missing = [i for i in write_ids if i not in written]
-        done_rows = await db.fetch_all(
-            conn,
-            statement("ack_done"),
-            {"ids": write_ids, "missing": missing, "token": token},
-        )
-        failed_rows: list[Row] = []
-        valid_failures = [(item, msg) for item, msg in failures if item.id in valid]
-        if valid_failures:
-            failed_rows = await db.fetch_all(
-                conn,
+        for group in groups
+    ]
+    if failures:
+        steps.append(
+            (
                 statement("fail_items"),
                 {
-                    "ids": [item.id for item, _ in valid_failures],
-                    "messages": [msg for _, msg in valid_failures],
+                    "ids": [item.id for item, _ in failures],
+                    "messages": [msg for _, msg in failures],
                     "token": token,
                 },
             )
-        if usage is not None:
-            await db.execute(
-                conn,
+        )
+    if usage is not None:
+        steps.append(
+            (
                 statement("record_usage"),
                 {
                     "owner": usage.owner,
@@ -291,10 +299,14 @@ async def complete(
                     "requests": usage.requests,
                 },
             )
-    done = tuple(QueueId(int(r["id"])) for r in done_rows)
+        )
+    results = await db.transaction_pipelined(steps)
+    valid = {QueueId(int(r["id"])) for r in results[first_write - 1]}
+    acked = [r for rows in results[first_write : first_write + len(groups)] for r in rows]
+    failed_rows = results[first_write + len(groups)] if failures else []
     return CompleteResult(
-        done=done,
-        missing=tuple(missing),
+        done=tuple(QueueId(int(r["id"])) for r in acked),
+        missing=tuple(QueueId(int(r["id"])) for r in acked if r["missing"]),
         failed=tuple(QueueId(int(r["id"])) for r in failed_rows),
         lost=tuple(i for i in all_ids if i not in valid),
     )

@@ -68,7 +68,11 @@ class Settings(BaseSettings):
     # (scripts/benchmark.py) — and within every provider's inputs-per-request limit.
     batch_size: int = Field(default=500, gt=0, alias="QUEUE_PROCESSOR_BATCH_SIZE")
     delay_ms: int = Field(default=0, ge=0, alias="QUEUE_PROCESSOR_DELAY_MS")
-    concurrency: int = Field(default=1, gt=0, alias="QUEUE_PROCESSOR_CONCURRENCY")
+    # 2: while one batch is written, the next one's provider call is already under way and a
+    # third can be claimed, so neither the provider nor Postgres waits on the other (CLI
+    # defaults drained at 0.47x of the Postgres floor with 1, 0.56x with 2; benchmark.py).
+    # run-embedding-processor.sh keeps 1: the seeds' one-batch-then-pause pacing.
+    concurrency: int = Field(default=2, gt=0, alias="QUEUE_PROCESSOR_CONCURRENCY")
     lease_seconds: float = Field(default=300.0, gt=0, alias="QUEUE_PROCESSOR_LEASE_SECONDS")
     max_attempts: int = Field(default=3, ge=1, alias="QUEUE_PROCESSOR_MAX_ATTEMPTS")
     retry_base_seconds: float = Field(

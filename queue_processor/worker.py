@@ -47,6 +47,9 @@ log = structlog.get_logger(__name__)
 RunMode = Literal["continuous", "drain", "once"]
 T = TypeVar("T")
 NOTIFY_CHANNEL = "embedding_queue"
+# How long a draining worker waits before claiming again while another worker expands a bulk
+# insert (an expansion of a few batches' keys takes tens of milliseconds).
+INBOX_WAIT_SECONDS = 0.05
 _BLANK = " \t\n\r\f\v"
 
 
@@ -272,10 +275,14 @@ class Worker:
                 if mode == "drain" or mode == "once":
                     if result.exhausted:
                         continue
-                    if not self._inflight:
-                        break
-                    await self._wait_changed()
-                    continue
+                    if self._inflight:
+                        await self._wait_changed()
+                        continue
+                    if result.inbox_pending:
+                        # Another worker is turning a bulk insert into queue rows.
+                        await self._sleep(INBOX_WAIT_SECONDS)
+                        continue
+                    break
                 await self._idle()
                 continue
             self._inflight[claim.token] = [i.id for i in claim.items]

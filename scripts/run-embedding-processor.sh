@@ -20,5 +20,11 @@ else
   exit 2
 fi
 
+# One batch at a time, then the pause, as the hand-built processor paced its work (the
+# worker's own default keeps two batches in flight); QUEUE_PROCESSOR_CONCURRENCY or a
+# --concurrency argument overrides it.
+concurrency=${QUEUE_PROCESSOR_CONCURRENCY:-1}
+
 echo "Starting embedding queue processor (batch size ${batch_size}, delay ${delay_ms} ms)" >&2
-exec "$qp" run --drain --batch-size "$batch_size" --delay-ms "$delay_ms" "$@"
+exec "$qp" run --drain --batch-size "$batch_size" --delay-ms "$delay_ms" \
+  --concurrency "$concurrency" "$@"

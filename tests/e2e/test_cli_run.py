@@ -119,15 +119,21 @@ def test_run_embedding_processor_script_drains_like_the_seeds(
     assert status_counts(dsn) == {"done": 20}
     assert_all_embedded(dsn, contents)
     started = [e for e in json_events(done.stderr) if e["event"] == "worker_started"]
-    assert (started[0]["batch_size"], started[0]["delay_ms"]) == (10, 2000)
+    # One batch at a time, as the seeds' processor paced its work (the CLI default is 2).
+    assert (started[0]["batch_size"], started[0]["delay_ms"], started[0]["concurrency"]) == (
+        10,
+        2000,
+        1,
+    )
     assert server.requests_total == 2  # two batches of ten, one request each
+    assert server.max_in_flight == 1
 
 
 def test_sigterm_mid_batch_finishes_it_and_exits_0(dsn: str, server: FakeOpenAIServer) -> None:
     contents = make_docs(dsn, 30)
     server.latency_s = 1.5
     proc = subprocess.Popen(
-        [QUEUE_PROCESSOR, "run", "--batch-size", "10"],
+        [QUEUE_PROCESSOR, "run", "--batch-size", "10", "--concurrency", "1"],
         env=cli_env(dsn, server),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

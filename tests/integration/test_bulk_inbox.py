@@ -247,3 +247,31 @@ async def test_the_worker_drains_a_bulk_insert_embedding_each_row_once(
         assert got is not None
         np.testing.assert_array_equal(got, fake_vector(f"text {i}", DIMS))
     assert execute(dsn, "SELECT count(*) AS n FROM docs WHERE embedding IS NULL")[0]["n"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_draining_worker_waits_while_another_expands_the_inbox(
+    conn: Conn, dsn: str, db: Database
+) -> None:
+    bulk_insert(conn, 1, 1000)
+    finished = anyio.Event()
+    with FakeOpenAIServer(dims=DIMS) as server, psycopg.connect(dsn) as expander:
+        # Another worker in the middle of expanding: the inbox row is locked, the queue empty.
+        expander.execute("SELECT id FROM embedding_queue_inbox FOR UPDATE")
+        async with make_provider(server) as provider, anyio.create_task_group() as tg:
+            worker = Worker(db, provider, worker_config(batch_size=300))
+            summaries = []
+
+            async def drain() -> None:
+                summaries.append(await worker.run("drain"))
+                finished.set()
+
+            tg.start_soon(drain)
+            with anyio.move_on_after(1.0):
+                await finished.wait()
+            assert not finished.is_set(), "the worker stopped while keys were still coming"
+            expander.commit()
+            with anyio.fail_after(60):
+                await finished.wait()
+    assert summaries[0].processed == 1000
+    assert status_counts(dsn) == {"done": 1000}

@@ -693,7 +693,7 @@ async def test_drain_survives_losing_its_database_connections(
                             dsn,
                             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n "
                             "FROM pg_stat_activity WHERE application_name = 'qp-victim' "
-                            "AND state = 'active' AND query LIKE 'UPDATE %%docs%%'",
+                            "AND state = 'active' AND query LIKE '%%UPDATE %%docs%%'",
                         )
                         if rows[0]["n"]:
                             break
