@@ -117,7 +117,8 @@ SELECT embedding_queue_expand(%(max_rows)s) AS taken;
 -- name: inbox_pending
 -- Whether bulk-insert keys remain to be expanded (asked when a claim found nothing: another
 -- worker may be expanding them, so a draining worker should not stop yet).
-SELECT EXISTS (SELECT 1 FROM embedding_queue_inbox) AS pending;
+-- Through the view: the worker's role is granted that, not the inbox table.
+SELECT EXISTS (SELECT 1 FROM embedding_queue_inbox_status) AS pending;
 
 -- name: renew_leases
 -- Extend the lease of items this claim still holds (a slow batch is not stolen).

@@ -202,6 +202,10 @@ async def claim_batch(
                 "max_attempts": max_attempts,
             },
         )
+        inbox_pending = False
+        if not rows:
+            found = await db.fetch_one(conn, statement("inbox_pending"))
+            inbox_pending = bool(found and found["pending"])
     items: list[QueueItem] = []
     exhausted: list[QueueItem] = []
     reclaimed = 0
@@ -217,11 +221,6 @@ async def claim_batch(
         )
         reclaimed += bool(row["reclaimed"])
         (exhausted if row["status"] == "failed" else items).append(item)
-    inbox_pending = False
-    if not rows:
-        async with db.connection(autocommit=True) as conn:
-            found = await db.fetch_one(conn, statement("inbox_pending"))
-        inbox_pending = bool(found and found["pending"])
     return ClaimResult(
         Claim(token, owner, tuple(items)), reclaimed, tuple(exhausted), inbox_pending
     )

@@ -144,6 +144,18 @@ def test_worker_role_drains_with_only_the_granted_privileges(
     assert status_counts(dsn) == {"done": 15}
     assert_embedded(dsn, contents)
 
+    # A bulk insert by the application: its keys wait in the inbox, and the worker role
+    # expands them (embedding_queue_expand is SECURITY DEFINER) and embeds them.
+    execute(
+        dsn,
+        "INSERT INTO docs (id, body) SELECT g, 'bulk ' || g FROM generate_series(1001, 2000) g",
+    )
+    assert status_counts(dsn) == {"done": 15}
+    bulk = run_cli(["run", "--drain"], worker_env)
+    assert bulk.returncode == 0, bulk.stderr
+    assert summary_counts(bulk.stdout)["processed"] == 1000
+    assert status_counts(dsn) == {"done": 1015}
+
 
 DENIED = [
     pytest.param("UPDATE docs SET body = 'changed' WHERE id = 1", id="update-content-column"),
