@@ -184,7 +184,8 @@ async def claim_batch(
     """Claim up to ``limit`` items in one committed statement (see queries.sql).
 
     Keys of bulk inserts waiting in the inbox are turned into queue rows first (a slice of
-    ``EXPAND_FACTOR * limit`` keys, committed on its own), so they become claimable.
+    ``max(EXPAND_MIN, EXPAND_FACTOR * limit)`` keys, committed on its own), so they become
+    claimable. ``inbox_pending`` tells a caller that found nothing whether keys remain.
     """
     token = ClaimToken(uuid.uuid4())
     async with db.connection(autocommit=True) as conn:

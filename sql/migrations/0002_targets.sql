@@ -460,8 +460,10 @@ BEGIN
                            (table_name, embedding_column, record_ids, total)
                     SELECT %L, %L, ids, total FROM agg WHERE total > 0
                 )
-                SELECT stale INTO must_clear FROM agg;
-                PERFORM pg_notify('embedding_queue', '');
+                SELECT stale, total INTO must_clear, queued FROM agg;
+                IF queued > 0 THEN
+                    PERFORM pg_notify('embedding_queue', '');
+                END IF;
                 IF must_clear THEN
                     %s
                 END IF;

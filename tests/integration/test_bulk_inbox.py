@@ -275,3 +275,21 @@ async def test_a_draining_worker_waits_while_another_expands_the_inbox(
                 await finished.wait()
     assert summaries[0].processed == 1000
     assert status_counts(dsn) == {"done": 1000}
+
+
+def test_a_bulk_insert_of_rows_without_keys_queues_and_notifies_nothing(
+    conn: Conn, dsn: str
+) -> None:
+    conn.execute("CREATE TABLE films (id serial PRIMARY KEY, code text UNIQUE, title text)")
+    conn.execute("ALTER TABLE films ADD COLUMN emb vector(3)")
+    conn.execute(
+        "SELECT embedding_register_target('films', 'emb', ARRAY['title'], p_id_column => 'code')"
+    )
+    conn.execute("SET queue_processor.bulk_rows = 5")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN embedding_queue")
+        conn.execute("INSERT INTO films (title) SELECT 'untitled' FROM generate_series(1, 10)")
+        assert list(listener.notifies(timeout=1, stop_after=1)) == []
+        conn.execute("INSERT INTO films (code, title) SELECT g, 't' FROM generate_series(1, 5) g")
+        assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
+    assert [r["table_name"] for r in inbox(conn)] == ["films"]
