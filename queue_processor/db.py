@@ -34,6 +34,7 @@ from queue_processor.errors import DatabaseUnavailable, PermanentError
 log = structlog.get_logger(__name__)
 
 Row = dict[str, Any]
+Connection = psycopg.AsyncConnection[Row]
 Params = Mapping[str, Any]
 Query = sql.SQL | sql.Composed
 
@@ -146,6 +147,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _quote_ident(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier (what quote_ident does, always quoting)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def statement(
     name: str, *, source: str = "queries.sql", **identifiers: str | sql.Composable
 ) -> sql.Composed | sql.SQL:
@@ -194,6 +200,7 @@ class Database:
         connect_timeout_seconds: float = 10.0,
     ) -> None:
         self.schema = schema
+        self.search_path = f"pg_catalog, {_quote_ident(schema)}, pg_temp"
         self._dsn = dsn
         self._application_name = application_name
         self._connect_timeout_seconds = connect_timeout_seconds
@@ -219,11 +226,10 @@ class Database:
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         conn.adapters.register_dumper(np.ndarray, Float4ArrayDumper)
-        await conn.execute(
-            sql.SQL("SELECT set_config('search_path', {}, false)").format(
-                sql.Literal(sql.Identifier(self.schema).as_string(conn) + ", public")
-            )
-        )
+        # Only pg_catalog and the queue schema, temp last: no other schema's objects (a
+        # function overload planted in public, say) can win a name lookup of ours, and this
+        # path is what `migrate` pins into every function (SET search_path FROM CURRENT).
+        await conn.execute(statement("set_search_path"), {"path": self.search_path})
         # pgvector's type oids differ per database (and it may be absent: then no target
         # can be a vector column).
         cur = await conn.execute(statement("vector_type_oids"))
@@ -348,7 +354,18 @@ class Database:
                 await conn.execute(
                     sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
                 )
-            await conn.execute(script)
+            async with conn.transaction():
+                await self._ddl_search_path(conn)
+                await conn.execute(script)
+
+    async def _ddl_search_path(self, conn: psycopg.AsyncConnection[Row]) -> None:
+        """For the current transaction: the queue schema first, so that the unqualified
+        CREATEs of our SQL files land there (functions/90_privileges.sql then pins every
+        function's own search_path to pg_catalog, the queue schema, pg_temp)."""
+        await conn.execute(
+            statement("set_local_search_path"),
+            {"path": f"{_quote_ident(self.schema)}, pg_catalog, pg_temp"},
+        )
 
     async def applied_migrations(self, conn: psycopg.AsyncConnection[Row]) -> set[int]:
         """Versions recorded in queue_processor_migrations."""
@@ -361,10 +378,39 @@ class Database:
         """Apply one migration file and record it, in a single transaction."""
         with translate_errors():
             async with conn.transaction():
+                await self._ddl_search_path(conn)
                 await conn.execute(script)
                 await conn.execute(
                     statement("record_migration"), {"version": version, "name": name}
                 )
+
+    async def public_may_create(self, conn: psycopg.AsyncConnection[Row]) -> bool:
+        """Whether PUBLIC (every role) may CREATE objects in the queue schema."""
+        row = await self.fetch_one(conn, statement("public_may_create"), {"schema": self.schema})
+        return bool(row and row["may_create"])
+
+    async def function_hashes(self, conn: psycopg.AsyncConnection[Row]) -> dict[str, str]:
+        """SHA-256 of each function file as last applied, by file name (empty before 0006)."""
+        rows = await self.fetch_all(conn, statement("function_hashes"))
+        return {str(r["file"]): str(r["sha256"]) for r in rows}
+
+    async def apply_function_files(
+        self, conn: psycopg.AsyncConnection[Row], files: Sequence[tuple[str, str, str]]
+    ) -> tuple[int, int]:
+        """Apply ``(name, sql, sha256)`` function files in one transaction, record them, and
+        regenerate targets and worker grants; return (targets, worker roles) refreshed."""
+        with translate_errors():
+            async with conn.transaction():
+                await self._ddl_search_path(conn)
+                for name, script, sha256 in files:
+                    await conn.execute(script)
+                    await conn.execute(
+                        statement("record_function_file"), {"file": name, "sha256": sha256}
+                    )
+                cur = await conn.execute(statement("refresh_installed", qs=self.schema))
+                row = await cur.fetchone()
+        assert row is not None
+        return int(row["targets"]), int(row["workers"])
 
     async def schema_version(self, conn: psycopg.AsyncConnection[Row]) -> int | None:
         """The newest applied migration, or None when the schema is not installed."""

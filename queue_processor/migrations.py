@@ -1,13 +1,21 @@
-"""Apply the ordered SQL files in ``sql/migrations`` under an advisory lock.
+"""Apply the ordered SQL files in ``sql/migrations``, then ``sql/functions``, under a lock.
 
-Each file is one migration, applied in its own transaction and recorded in
-``queue_processor_migrations``; re-running is a no-op. A session-level advisory lock makes two
-processes migrating at once take turns instead of colliding. The files ship inside the wheel
+Each migration is applied once, in its own transaction, and recorded in
+``queue_processor_migrations``. The files in ``sql/functions`` hold the current definition of
+every function (CREATE OR REPLACE): whenever one of them differs from what the database last
+applied (by SHA-256, recorded in ``queue_processor_functions``), all of them are re-applied in
+one transaction, every registered target's triggers are regenerated and every worker role is
+re-granted. Re-running is a no-op. A session-level advisory lock makes two processes migrating
+at once take turns instead of colliding. The files ship inside the wheel
 (``queue_processor/sql``); in a source checkout they are read from the repository's ``sql/``.
+
+``migrate`` refuses a queue schema in which PUBLIC may CREATE: any role could then plant a
+function or table that our names resolve to (SECURITY.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +30,7 @@ from queue_processor.errors import ConfigurationError
 log = structlog.get_logger(__name__)
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_FUNCTIONS_NAME = re.compile(r"^\d{2}_[a-z0-9_]+\.sql$")
 
 
 @dataclass(frozen=True)
@@ -33,18 +42,40 @@ class Migration:
     sql: str
 
 
-def _migrations_dir() -> Traversable:
-    packaged = resources.files("queue_processor") / "sql" / "migrations"
+@dataclass(frozen=True)
+class FunctionFile:
+    """One file of ``sql/functions``: its name, SQL text and the SHA-256 of that text."""
+
+    name: str
+    sql: str
+    sha256: str
+
+
+def _sql_dir(kind: str) -> Traversable:
+    packaged = resources.files("queue_processor") / "sql" / kind
     if packaged.is_dir():
         return packaged
     # Source checkout / editable install: sql/ sits at the repository root.
-    return Path(__file__).resolve().parent.parent / "sql" / "migrations"
+    return Path(__file__).resolve().parent.parent / "sql" / kind
+
+
+def load_function_files() -> list[FunctionFile]:
+    """The files of ``sql/functions`` in the order they are applied (by name)."""
+    files = []
+    for entry in _sql_dir("functions").iterdir():
+        if _FUNCTIONS_NAME.match(entry.name):
+            text = entry.read_text(encoding="utf-8")
+            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            files.append(FunctionFile(entry.name, text, digest))
+    if not files:
+        raise ConfigurationError("no function files found: the package is incomplete")
+    return sorted(files, key=lambda f: f.name)
 
 
 def load_migrations() -> list[Migration]:
     """All migrations, ordered by version; raises if the files are misnamed or duplicated."""
     found: dict[int, Migration] = {}
-    for entry in _migrations_dir().iterdir():
+    for entry in _sql_dir("migrations").iterdir():
         match = _NAME.match(entry.name)
         if not match:
             continue
@@ -62,13 +93,20 @@ def latest_version() -> int:
     return load_migrations()[-1].version
 
 
-async def migrate(db: Database) -> list[int]:
-    """Apply pending migrations; return the versions applied (empty when up to date)."""
+async def migrate(db: Database, *, allow_public_create: bool = False) -> list[int]:
+    """Apply pending migrations, then the function files if any changed; return the migration
+    versions applied (empty when up to date).
+
+    Raises ConfigurationError when PUBLIC may CREATE in the queue schema, unless
+    ``allow_public_create`` (then it logs a warning and goes on).
+    """
     applied: list[int] = []
     async with db.connection(autocommit=True) as conn:
         await db.advisory_lock(conn, "queue_processor.migrate")
         try:
             await db.execute_script(conn, _VERSION_TABLE)
+            if await db.public_may_create(conn):
+                _public_create(db.schema, allowed=allow_public_create)
             done = await db.applied_migrations(conn)
             for migration in load_migrations():
                 if migration.version in done:
@@ -76,9 +114,28 @@ async def migrate(db: Database) -> list[int]:
                 await db.apply_migration(conn, migration.version, migration.name, migration.sql)
                 log.info("migration_applied", version=migration.version, name=migration.name)
                 applied.append(migration.version)
+            files = load_function_files()
+            current = await db.function_hashes(conn)
+            if any(current.get(f.name) != f.sha256 for f in files):
+                targets, workers = await db.apply_function_files(
+                    conn, [(f.name, f.sql, f.sha256) for f in files]
+                )
+                log.info("functions_applied", files=len(files), targets=targets, workers=workers)
         finally:
             await db.advisory_unlock(conn, "queue_processor.migrate")
     return applied
+
+
+def _public_create(schema: str, *, allowed: bool) -> None:
+    message = (
+        f"PUBLIC may CREATE in schema {schema!r}: any role could define a function or table "
+        "there that the queue's functions would run. Run `REVOKE CREATE ON SCHEMA "
+        f'"{schema}" FROM PUBLIC` (the default since PostgreSQL 15), or install into a '
+        "dedicated schema (QUEUE_PROCESSOR_SCHEMA)"
+    )
+    if not allowed:
+        raise ConfigurationError(message + "; --allow-public-create overrides this check")
+    log.warning("public_may_create", schema=schema, message=message)
 
 
 async def check_schema(db: Database) -> None:
@@ -100,6 +157,14 @@ async def check_schema(db: Database) -> None:
         raise ConfigurationError(
             f"the queue schema is at version {current}, newer than this queue_processor "
             f"({expected}): upgrade queue_processor"
+        )
+    async with db.connection(autocommit=True) as conn:
+        applied = await db.function_hashes(conn)
+    stale = [f.name for f in load_function_files() if applied.get(f.name) != f.sha256]
+    if stale:
+        raise ConfigurationError(
+            f"the queue's functions differ from this queue_processor's ({', '.join(stale)}): "
+            "run `queue-processor migrate`"
         )
 
 

@@ -10,6 +10,31 @@ SELECT pg_advisory_lock(hashtextextended(%(key)s, 0));
 -- Release the migration lock.
 SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0));
 
+-- name: set_search_path
+-- The session's search_path (db.py): pg_catalog, the queue schema, pg_temp last.
+SELECT set_config('search_path', %(path)s::text, false);
+
+-- name: set_local_search_path
+-- The search_path for the rest of this transaction only (migrations: see db.py).
+SELECT set_config('search_path', %(path)s::text, true);
+
+-- name: public_may_create
+-- Whether every role may create objects in the queue schema (migrate refuses to install).
+SELECT has_schema_privilege('public', %(schema)s::text, 'CREATE') AS may_create;
+
+-- name: function_hashes
+-- The function files as last applied (sql/functions; the table exists from 0006 on).
+SELECT file, sha256 FROM queue_processor_functions;
+
+-- name: record_function_file
+-- Remember the SHA-256 of an applied function file (same transaction as its DDL).
+INSERT INTO queue_processor_functions (file, sha256) VALUES (%(file)s::text, %(sha256)s::text)
+ON CONFLICT (file) DO UPDATE SET sha256 = EXCLUDED.sha256, applied_at = now();
+
+-- name: refresh_installed
+-- After function files changed: regenerate every target's triggers, re-grant every worker.
+SELECT targets, workers FROM {qs}.embedding_refresh_installed();
+
 -- name: schema_exists
 -- Whether the queue schema exists already.
 SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s) AS found;
@@ -32,24 +57,25 @@ SELECT max(version) AS version FROM queue_processor_migrations;
 
 -- name: register_target
 -- Register a target and install its triggers (see sql/migrations/0002_targets.sql).
-SELECT embedding_register_target(
-    %(table)s::regclass, %(column)s,
+SELECT {qs}.embedding_register_target(
+    %(table_oid)s::oid::regclass, %(column)s::text,
     p_content_columns => %(content_columns)s::text[],
-    p_template => %(template)s,
-    p_id_column => %(id_column)s,
-    p_model => %(model)s,
-    p_dimensions => %(dimensions)s,
-    p_model_column => %(model_column)s,
-    p_generated_at_column => %(generated_at_column)s
+    p_template => %(template)s::text,
+    p_id_column => %(id_column)s::text,
+    p_model => %(model)s::text,
+    p_dimensions => %(dimensions)s::integer,
+    p_model_column => %(model_column)s::text,
+    p_generated_at_column => %(generated_at_column)s::text
 ) AS table_name;
 
 -- name: unregister_target
 -- Drop a target's triggers, registry row and queue rows.
-SELECT embedding_unregister_target(%(table_name)s, %(column)s) AS removed;
+SELECT {qs}.embedding_unregister_target(%(table_name)s::text, %(column)s::text) AS removed;
 
 -- name: backfill
 -- Queue rows of a registered target: mode missing | all | ids.
-SELECT embedding_queue_backfill(%(table_name)s, %(column)s, %(mode)s, %(ids)s::text[]) AS queued;
+SELECT {qs}.embedding_queue_backfill(%(table_name)s::text, %(column)s::text, %(mode)s::text,
+                                      %(ids)s::text[]) AS queued;
 
 -- name: notify_queue
 -- Wake waiting workers (the channel the queue's insert trigger uses).
@@ -112,7 +138,7 @@ RETURNING q.id, q.table_name, q.record_id, q.embedding_column, q.content, q.atte
 -- name: expand_inbox
 -- Turn up to %(max_rows)s keys of a bulk insert's inbox row into queue rows (0005_inbox.sql);
 -- run, and committed, just before a claim. Returns 0 when there is nothing to expand.
-SELECT embedding_queue_expand(%(max_rows)s) AS taken;
+SELECT {qs}.embedding_queue_expand(%(max_rows)s::integer) AS taken;
 
 -- name: inbox_pending
 -- Whether bulk-insert keys remain to be expanded (asked when a claim found nothing: another
@@ -309,7 +335,7 @@ SELECT table_name, embedding_column, sum(items)::bigint AS items, sum(tokens)::b
          GROUP BY table_name, embedding_column
         UNION ALL
         SELECT target_table, target_column, items, tokens
-          FROM embedding_queue_inbox_estimate()) AS w
+          FROM {qs}.embedding_queue_inbox_estimate()) AS w
  GROUP BY table_name, embedding_column
  ORDER BY table_name, embedding_column;
 
@@ -327,19 +353,20 @@ SELECT n.nspname AS type_schema, t.typname AS type_name
 -- The k rows nearest to the query vector by cosine distance; ORDER BY the <=> operator on
 -- the column itself so an HNSW (vector_cosine_ops) index serves it.
 SELECT t.{id_column}::text AS id, left({content}, 160) AS content,
-       t.{column} <=> %(query)b::real[]::{vtype} AS distance
+       t.{column} {distance} %(query)b::real[]::{vtype} AS distance
   FROM {schema}.{table} AS t
  WHERE t.{column} IS NOT NULL
- ORDER BY t.{column} <=> %(query)b::real[]::{vtype}
+ ORDER BY t.{column} {distance} %(query)b::real[]::{vtype}
  LIMIT %(k)s;
 
 -- name: estimate_target
 -- Rows and estimated tokens a backfill of one target would send (nothing is queued).
-SELECT items, tokens FROM embedding_queue_estimate(%(table_name)s, %(column)s, %(mode)s);
+SELECT items, tokens
+  FROM {qs}.embedding_queue_estimate(%(table_name)s::text, %(column)s::text, %(mode)s::text);
 
 -- name: grant_worker
 -- Grant a role the worker's least privileges (see 0003_operations.sql).
-SELECT embedding_grant_worker(%(role)s) AS targets;
+SELECT {qs}.embedding_grant_worker(%(role)s::name) AS targets;
 
 -- name: vector_type_oids
 -- pgvector's vector type and its array type in this database (no row without pgvector).
@@ -366,10 +393,18 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
   WITH (m = 16, ef_construction = 64);
 
 -- name: resolve_table
--- Schema and name of a table given as text ('docs', 'app.docs', '"My Schema"."My Table"').
-SELECT n.nspname AS schema_name, c.relname AS relation_name
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.oid = %(table)s::regclass;
+-- A table given as text ('docs', 'app.docs', '"My Schema"."My Table"'), by parse_ident's
+-- rules: a qualified name as written; a bare one in the queue schema, else in public (where
+-- the seeds' tables live). Never a temporary table, whatever the session's search_path.
+SELECT c.oid AS table_oid, n.nspname AS schema_name, c.relname AS relation_name
+  FROM (SELECT parse_ident(%(table)s::text) AS p) AS i
+  JOIN pg_namespace AS n
+    ON CASE cardinality(i.p) WHEN 2 THEN n.nspname = i.p[1]
+                             WHEN 1 THEN n.nspname IN (%(schema)s::text, 'public') END
+  JOIN pg_class AS c ON c.relnamespace = n.oid AND c.relname = i.p[cardinality(i.p)]
+ WHERE c.relkind IN ('r', 'p')
+ ORDER BY n.nspname = %(schema)s::text DESC
+ LIMIT 1;
 
 -- name: cache_lookup
 -- Cached vectors for these content hashes (primary key lookups).

@@ -20,6 +20,7 @@ from psycopg import sql
 
 from queue_processor import targets
 from queue_processor.db import (
+    Connection,
     Database,
     Params,
     Query,
@@ -28,7 +29,7 @@ from queue_processor.db import (
     float4_array,
     statement,
 )
-from queue_processor.errors import PermanentError
+from queue_processor.errors import ConfigurationError, PermanentError
 from queue_processor.models import (
     Claim,
     ClaimToken,
@@ -69,15 +70,16 @@ async def register_target(
     """Register ``table.column`` and install its triggers; return the queue's table label.
     Existing rows are queued separately, with ``backfill``.
 
-    ``table`` is parsed by PostgreSQL as a regclass: ``sessions``, ``app.sessions`` or
-    ``"My Schema"."My Table"``.
+    ``table`` is an SQL name: ``sessions``, ``app.sessions`` or ``"My Schema"."My Table"``
+    (see ``resolve_table``).
     """
     async with db.connection() as conn:
+        rel = await _resolve_table(db, conn, table)
         row = await db.fetch_one(
             conn,
-            statement("register_target"),
+            statement("register_target", qs=db.schema),
             {
-                "table": table,
+                "table_oid": rel["table_oid"],
                 "column": column,
                 "content_columns": list(content_columns) if content_columns else None,
                 "template": template,
@@ -94,11 +96,25 @@ async def register_target(
     return label
 
 
+async def _resolve_table(db: Database, conn: Connection, table: str) -> Row:
+    """The table named ``table`` (a bare name: in the queue schema, else public; never a
+    temporary table): its oid, schema_name and relation_name. ConfigurationError if none."""
+    rel = await db.fetch_one(
+        conn, statement("resolve_table"), {"table": table, "schema": db.schema}
+    )
+    if rel is None:
+        where = "" if "." in table else f" (looked in schemas {db.schema!r} and 'public')"
+        raise ConfigurationError(f'table "{table}" does not exist{where}')
+    return rel
+
+
 async def unregister_target(db: Database, table_name: str, column: str) -> bool:
     """Remove a target; False if it was not registered."""
     async with db.connection() as conn:
         row = await db.fetch_one(
-            conn, statement("unregister_target"), {"table_name": table_name, "column": column}
+            conn,
+            statement("unregister_target", qs=db.schema),
+            {"table_name": table_name, "column": column},
         )
     return bool(row and row["removed"])
 
@@ -114,7 +130,7 @@ async def backfill(
     async with db.connection() as conn:
         row = await db.fetch_one(
             conn,
-            statement("backfill"),
+            statement("backfill", qs=db.schema),
             {"table_name": table_name, "column": column, "mode": mode, "ids": ids},
         )
         await db.execute(conn, statement("notify_queue"))
@@ -190,7 +206,9 @@ async def claim_batch(
     token = ClaimToken(uuid.uuid4())
     async with db.connection(autocommit=True) as conn:
         await db.execute(
-            conn, statement("expand_inbox"), {"max_rows": max(EXPAND_MIN, EXPAND_FACTOR * limit)}
+            conn,
+            statement("expand_inbox", qs=db.schema),
+            {"max_rows": max(EXPAND_MIN, EXPAND_FACTOR * limit)},
         )
         rows = await db.fetch_all(
             conn,
@@ -470,7 +488,7 @@ async def purge(db: Database, older_than_seconds: float) -> int:
 async def estimate_pending(db: Database) -> list[Row]:
     """Queued (pending or in-flight) items and estimated tokens per target."""
     async with db.connection() as conn:
-        return await db.fetch_all(conn, statement("estimate_pending"))
+        return await db.fetch_all(conn, statement("estimate_pending", qs=db.schema))
 
 
 async def estimate_target(
@@ -480,7 +498,7 @@ async def estimate_target(
     async with db.connection() as conn:
         row = await db.fetch_one(
             conn,
-            statement("estimate_target"),
+            statement("estimate_target", qs=db.schema),
             {"table_name": table_name, "column": column, "mode": mode},
         )
     assert row is not None
@@ -490,7 +508,7 @@ async def estimate_target(
 async def grant_worker(db: Database, role: str) -> int:
     """Grant ``role`` the worker's least privileges; return the number of targets covered."""
     async with db.connection() as conn:
-        row = await db.fetch_one(conn, statement("grant_worker"), {"role": role})
+        row = await db.fetch_one(conn, statement("grant_worker", qs=db.schema), {"role": role})
     assert row is not None
     return int(row["targets"])
 
@@ -530,8 +548,7 @@ async def add_embedding_column(db: Database, table: str, column: str, dimensions
     installs pgvector when missing. Returns the column type used."""
     kind = "vector" if dimensions <= HNSW_MAX_VECTOR_DIMS else "halfvec"
     async with db.connection() as conn:
-        rel = await db.fetch_one(conn, statement("resolve_table"), {"table": table})
-        assert rel is not None
+        rel = await _resolve_table(db, conn, table)
         ext = await db.fetch_one(conn, statement("vector_extension_schema"))
         if ext is None:
             await db.execute(conn, statement("create_vector_extension"))

@@ -141,4 +141,7 @@ def search_statement(target: Target, type_schema: str, type_name: str) -> sql.Co
         id_column=target.id_column,
         content=content,
         vtype=sql.Identifier(type_schema, type_name),
+        # pgvector's operator by its schema: the session's search_path holds only pg_catalog
+        # and the queue schema.
+        distance=sql.SQL("OPERATOR({}.<=>)").format(sql.Identifier(type_schema)),
     )
