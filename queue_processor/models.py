@@ -15,6 +15,12 @@ STATUSES: tuple[Status, ...] = ("pending", "processing", "done", "failed")
 ColumnType = Literal["vector", "halfvec", "real[]", "double precision[]", "jsonb", "bytea"]
 IdType = Literal["smallint", "integer", "bigint", "uuid", "text", "character varying"]
 
+# Bounds on what one claim loads into the worker (QUEUE_PROCESSOR_MAX_CONTENT_CHARS and
+# QUEUE_PROCESSOR_MAX_CLAIM_BYTES): far above any embedding model's input window (8,191
+# tokens is ~33,000 characters), far below what exhausts a worker's memory.
+MAX_CONTENT_CHARS = 1_000_000
+MAX_CLAIM_BYTES = 32 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class QueueItem:

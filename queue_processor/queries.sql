@@ -99,6 +99,10 @@ SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_t
 -- rows; extra rows locked by the second are released when this statement commits.
 -- attempts counts claims, so a row whose worker keeps dying still runs out of attempts:
 -- a reclaimed row that has used them all ends failed instead of being claimed again.
+-- Sizes are bounded here, where the data enters the worker (anyone who can write a source
+-- text decides its size): each content is cut to %(max_content_chars)s characters, and a
+-- claim takes rows only while their (cut) sizes add up to %(max_claim_bytes)s bytes, the
+-- first row always. octet_length reads a TOASTed value's stored length, not the value.
 WITH due AS (
     SELECT id, false AS reclaimed
       FROM embedding_queue
@@ -113,9 +117,16 @@ WITH due AS (
      ORDER BY lease_expires_at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
+), candidates AS (
+    SELECT c.id, c.reclaimed,
+           sum(least(coalesce(octet_length(q.content), 0), 4 * %(max_content_chars)s::bigint))
+               OVER (ORDER BY c.reclaimed DESC, c.id ROWS UNBOUNDED PRECEDING) AS running_bytes,
+           row_number() OVER (ORDER BY c.reclaimed DESC, c.id) AS n
+      FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) AS c
+      JOIN embedding_queue AS q ON q.id = c.id
 ), picked AS (
-    SELECT id, reclaimed FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) AS c
-     LIMIT %(limit)s
+    SELECT id, reclaimed FROM candidates
+     WHERE n <= %(limit)s AND (n = 1 OR running_bytes <= %(max_claim_bytes)s::bigint)
 )
 UPDATE embedding_queue AS q
    SET status = CASE WHEN p.reclaimed AND q.attempts >= %(max_attempts)s
@@ -132,8 +143,12 @@ UPDATE embedding_queue AS q
        updated_at = now()
   FROM picked AS p
  WHERE q.id = p.id
-RETURNING q.id, q.table_name, q.record_id, q.embedding_column, q.content, q.attempts,
-          q.generation, q.status, p.reclaimed;
+RETURNING q.id, q.table_name, q.record_id, q.embedding_column,
+          left(q.content, %(max_content_chars)s::integer) AS content,
+          octet_length(q.content) AS content_bytes,
+          octet_length(q.content) > %(max_content_chars)s::integer
+              AND char_length(q.content) > %(max_content_chars)s::integer AS content_capped,
+          q.attempts, q.generation, q.status, p.reclaimed;
 
 -- name: expand_inbox
 -- Turn up to %(max_rows)s keys of a bulk insert's inbox row into queue rows (0005_inbox.sql);

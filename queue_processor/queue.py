@@ -31,6 +31,8 @@ from queue_processor.db import (
 )
 from queue_processor.errors import ConfigurationError, PermanentError
 from queue_processor.models import (
+    MAX_CLAIM_BYTES,
+    MAX_CONTENT_CHARS,
     Claim,
     ClaimToken,
     QueueId,
@@ -196,8 +198,14 @@ async def claim_batch(
     limit: int,
     lease_seconds: float,
     max_attempts: int,
+    max_content_chars: int = MAX_CONTENT_CHARS,
+    max_claim_bytes: int = MAX_CLAIM_BYTES,
 ) -> ClaimResult:
     """Claim up to ``limit`` items in one committed statement (see queries.sql).
+
+    Each content arrives cut to ``max_content_chars`` characters (``content_capped`` says so),
+    and the claim stops taking rows once their sizes add up to ``max_claim_bytes`` (it always
+    takes one), so the worker never loads more than that, whatever was written.
 
     Keys of bulk inserts waiting in the inbox are turned into queue rows first (a slice of
     ``max(EXPAND_MIN, EXPAND_FACTOR * limit)`` keys, committed on its own), so they become
@@ -219,6 +227,8 @@ async def claim_batch(
                 "token": token,
                 "lease_seconds": lease_seconds,
                 "max_attempts": max_attempts,
+                "max_content_chars": max_content_chars,
+                "max_claim_bytes": max_claim_bytes,
             },
         )
         inbox_pending = False
@@ -238,6 +248,15 @@ async def claim_batch(
             attempts=int(row["attempts"]),
             generation=int(row["generation"]),
         )
+        if row["content_capped"]:
+            log.warning(
+                "content_capped",
+                queue_id=item.id,
+                table=item.table_name,
+                record_id=item.record_id,
+                content_bytes=row["content_bytes"],
+                max_content_chars=max_content_chars,
+            )
         reclaimed += bool(row["reclaimed"])
         (exhausted if row["status"] == "failed" else items).append(item)
     return ClaimResult(

@@ -38,7 +38,15 @@ from queue_processor.errors import (
     PermanentError,
     TransientError,
 )
-from queue_processor.models import Claim, ClaimToken, QueueId, QueueItem, Target
+from queue_processor.models import (
+    MAX_CLAIM_BYTES,
+    MAX_CONTENT_CHARS,
+    Claim,
+    ClaimToken,
+    QueueId,
+    QueueItem,
+    Target,
+)
 from queue_processor.providers.base import EmbeddingProvider, Vector
 from queue_processor.targets import parse_record_id
 
@@ -78,6 +86,12 @@ class WorkerConfig:
     # The dimensions requested from the provider (None = the model's default): part of the
     # cache key, since the same model gives different vectors at different dimensions.
     requested_dimensions: int | None = None
+    # What one claim may load (see queries.sql, claim_batch).
+    max_content_chars: int = MAX_CONTENT_CHARS
+    max_claim_bytes: int = MAX_CLAIM_BYTES
+    # However many NOTIFYs arrive (any role may send one), an empty queue is scanned again at
+    # most this often; new work still wakes the loop at once after a quiet period.
+    min_rescan_seconds: float = 0.25
 
 
 @dataclass
@@ -244,6 +258,8 @@ class Worker:
                     limit=cfg.batch_size,
                     lease_seconds=cfg.lease_seconds,
                     max_attempts=cfg.max_attempts,
+                    max_content_chars=cfg.max_content_chars,
+                    max_claim_bytes=cfg.max_claim_bytes,
                 )
             except DatabaseUnavailable as exc:
                 slots.release()
@@ -645,9 +661,15 @@ class Worker:
         await self._until_stopped(lambda: anyio.sleep(seconds))
 
     async def _idle(self) -> None:
-        """Wait for a NOTIFY, the poll interval, or a stop."""
+        """Wait for a NOTIFY, the poll interval, or a stop; then, if the last (empty) scan
+        was less than ``min_rescan_seconds`` ago, for the rest of that time: a flood of
+        NOTIFYs costs at most one scan per ``min_rescan_seconds``."""
+        scanned_at = time.monotonic()
         with anyio.move_on_after(self._config.poll_interval_seconds):
             await self._until_stopped(self._wake.wait)
+        rest_s = self._config.min_rescan_seconds - (time.monotonic() - scanned_at)
+        if rest_s > 0:
+            await self._sleep(rest_s)
         self._wake = anyio.Event()
 
     async def _wait_changed(self) -> None:
