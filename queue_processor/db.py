@@ -1,7 +1,8 @@
 """The only module that knows psycopg and psycopg_pool.
 
 ``Database`` owns a connection pool (an async context manager with an explicit lifecycle),
-sets each connection's search_path to the queue schema, registers the binary dumpers used to
+sets each connection's search_path to ``pg_catalog, pg_temp`` (statements name the queue
+schema, see ``Database.statement``), registers the binary dumpers used to
 ship vectors (pgvector's ``vector[]``; ``real[]`` for the other column types), and
 translates driver errors into queue_processor's exception tree:
 
@@ -29,7 +30,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from queue_processor import queries
-from queue_processor.errors import DatabaseUnavailable, PermanentError
+from queue_processor.errors import ConfigurationError, DatabaseUnavailable, PermanentError
 
 log = structlog.get_logger(__name__)
 
@@ -200,7 +201,11 @@ class Database:
         connect_timeout_seconds: float = 10.0,
     ) -> None:
         self.schema = schema
-        self.search_path = f"pg_catalog, {_quote_ident(schema)}, pg_temp"
+        # Every statement names the queue schema's objects with the schema (queries.sql,
+        # {qs}), so sessions need nothing but pg_catalog: no object of any other schema (an
+        # overload planted in public, or even in the queue schema) can win a name lookup,
+        # and temporary tables come last.
+        self.search_path = "pg_catalog, pg_temp"
         self._dsn = dsn
         self._application_name = application_name
         self._connect_timeout_seconds = connect_timeout_seconds
@@ -226,17 +231,19 @@ class Database:
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         conn.adapters.register_dumper(np.ndarray, Float4ArrayDumper)
-        # Only pg_catalog and the queue schema, temp last: no other schema's objects (a
-        # function overload planted in public, say) can win a name lookup of ours, and this
-        # path is what `migrate` pins into every function (SET search_path FROM CURRENT).
-        await conn.execute(statement("set_search_path"), {"path": self.search_path})
+        await conn.execute(self.statement("set_search_path"), {"path": self.search_path})
         # pgvector's type oids differ per database (and it may be absent: then no target
         # can be a vector column).
-        cur = await conn.execute(statement("vector_type_oids"))
+        cur = await conn.execute(self.statement("vector_type_oids"))
         found = await cur.fetchone()
         if found is not None:
             conn.adapters.register_dumper(VectorBatch, _vector_array_dumper(*found))
         await conn.commit()
+
+    def statement(self, name: str, **identifiers: str | sql.Composable) -> Query:
+        """The named statement of queries.sql, its ``{qs}`` (the queue schema) and other
+        ``{identifier}`` slots filled (see ``statement``)."""
+        return statement(name, source="queries.sql", qs=self.schema, **identifiers)
 
     async def open(self) -> None:
         """Open the pool and wait until one connection works."""
@@ -338,18 +345,18 @@ class Database:
 
     async def advisory_lock(self, conn: psycopg.AsyncConnection[Row], key: str) -> None:
         """Block until this session holds the advisory lock named ``key``."""
-        await self.execute(conn, statement("advisory_lock"), {"key": key})
+        await self.execute(conn, self.statement("advisory_lock"), {"key": key})
 
     async def advisory_unlock(self, conn: psycopg.AsyncConnection[Row], key: str) -> None:
         """Release the advisory lock named ``key``."""
-        await self.execute(conn, statement("advisory_unlock"), {"key": key})
+        await self.execute(conn, self.statement("advisory_unlock"), {"key": key})
 
     async def execute_script(self, conn: psycopg.AsyncConnection[Row], script: str) -> None:
         """Run trusted DDL shipped with the package (no parameters) in the queue schema."""
         with translate_errors():
             # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
             # exists; ask first so a role that owns only its schema can migrate.
-            cur = await conn.execute(statement("schema_exists"), {"schema": self.schema})
+            cur = await conn.execute(self.statement("schema_exists"), {"schema": self.schema})
             if not (await cur.fetchone() or {}).get("found"):
                 await conn.execute(
                     sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
@@ -360,16 +367,16 @@ class Database:
 
     async def _ddl_search_path(self, conn: psycopg.AsyncConnection[Row]) -> None:
         """For the current transaction: the queue schema first, so that the unqualified
-        CREATEs of our SQL files land there (functions/90_privileges.sql then pins every
-        function's own search_path to pg_catalog, the queue schema, pg_temp)."""
+        CREATEs of the migrations land there (``migrate`` refuses a schema in which any role
+        but its owner may create objects)."""
         await conn.execute(
-            statement("set_local_search_path"),
+            self.statement("set_local_search_path"),
             {"path": f"{_quote_ident(self.schema)}, pg_catalog, pg_temp"},
         )
 
     async def applied_migrations(self, conn: psycopg.AsyncConnection[Row]) -> set[int]:
         """Versions recorded in queue_processor_migrations."""
-        rows = await self.fetch_all(conn, statement("applied_migrations"))
+        rows = await self.fetch_all(conn, self.statement("applied_migrations"))
         return {int(r["version"]) for r in rows}
 
     async def apply_migration(
@@ -381,17 +388,18 @@ class Database:
                 await self._ddl_search_path(conn)
                 await conn.execute(script)
                 await conn.execute(
-                    statement("record_migration"), {"version": version, "name": name}
+                    self.statement("record_migration"), {"version": version, "name": name}
                 )
 
-    async def public_may_create(self, conn: psycopg.AsyncConnection[Row]) -> bool:
-        """Whether PUBLIC (every role) may CREATE objects in the queue schema."""
-        row = await self.fetch_one(conn, statement("public_may_create"), {"schema": self.schema})
-        return bool(row and row["may_create"])
+    async def schema_creators(self, conn: psycopg.AsyncConnection[Row]) -> str:
+        """The roles other than its owner that may CREATE in the queue schema, comma
+        separated (``PUBLIC`` for every role); empty when there are none."""
+        row = await self.fetch_one(conn, self.statement("schema_creators"), {"schema": self.schema})
+        return str(row["roles"]) if row else ""
 
     async def function_hashes(self, conn: psycopg.AsyncConnection[Row]) -> dict[str, str]:
         """SHA-256 of each function file as last applied, by file name (empty before 0006)."""
-        rows = await self.fetch_all(conn, statement("function_hashes"))
+        rows = await self.fetch_all(conn, self.statement("function_hashes"))
         return {str(r["file"]): str(r["sha256"]) for r in rows}
 
     async def apply_function_files(
@@ -399,25 +407,32 @@ class Database:
     ) -> tuple[int, int]:
         """Apply ``(name, sql, sha256)`` function files in one transaction, record them, and
         regenerate targets and worker grants; return (targets, worker roles) refreshed."""
+        if "'" in self.schema:
+            raise ConfigurationError(
+                f"the queue schema's name may not hold a quote: {self.schema!r}"
+            )
         with translate_errors():
             async with conn.transaction():
                 await self._ddl_search_path(conn)
                 for name, script, sha256 in files:
-                    await conn.execute(script)
+                    # The files name every object of ours as @qs@.name (see 10_queue.sql).
+                    await conn.execute(script.replace("@qs@", _quote_ident(self.schema)))
                     await conn.execute(
-                        statement("record_function_file"), {"file": name, "sha256": sha256}
+                        self.statement("record_function_file"), {"file": name, "sha256": sha256}
                     )
-                cur = await conn.execute(statement("refresh_installed", qs=self.schema))
+                cur = await conn.execute(self.statement("refresh_installed"))
                 row = await cur.fetchone()
         assert row is not None
         return int(row["targets"]), int(row["workers"])
 
     async def schema_version(self, conn: psycopg.AsyncConnection[Row]) -> int | None:
         """The newest applied migration, or None when the schema is not installed."""
-        installed = await self.fetch_one(conn, statement("schema_installed"))
+        installed = await self.fetch_one(
+            conn, self.statement("schema_installed"), {"schema": self.schema}
+        )
         if installed is None or not installed["installed"]:
             return None
-        row = await self.fetch_one(conn, statement("schema_version"))
+        row = await self.fetch_one(conn, self.statement("schema_version"))
         if row is None or row["version"] is None:
             return None
         return int(row["version"])

@@ -9,8 +9,8 @@ re-granted. Re-running is a no-op. A session-level advisory lock makes two proce
 at once take turns instead of colliding. The files ship inside the wheel
 (``queue_processor/sql``); in a source checkout they are read from the repository's ``sql/``.
 
-``migrate`` refuses a queue schema in which PUBLIC may CREATE: any role could then plant a
-function or table that our names resolve to (SECURITY.md).
+``migrate`` refuses a queue schema in which a role other than its owner may CREATE: the
+migrations' DDL runs with that schema first on the search_path (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -93,20 +93,21 @@ def latest_version() -> int:
     return load_migrations()[-1].version
 
 
-async def migrate(db: Database, *, allow_public_create: bool = False) -> list[int]:
+async def migrate(db: Database, *, allow_unsafe_schema: bool = False) -> list[int]:
     """Apply pending migrations, then the function files if any changed; return the migration
     versions applied (empty when up to date).
 
-    Raises ConfigurationError when PUBLIC may CREATE in the queue schema, unless
-    ``allow_public_create`` (then it logs a warning and goes on).
+    Raises ConfigurationError when a role other than its owner (PUBLIC included) may CREATE
+    in the queue schema, unless ``allow_unsafe_schema`` (then it logs a warning and goes on).
     """
     applied: list[int] = []
     async with db.connection(autocommit=True) as conn:
         await db.advisory_lock(conn, "queue_processor.migrate")
         try:
             await db.execute_script(conn, _VERSION_TABLE)
-            if await db.public_may_create(conn):
-                _public_create(db.schema, allowed=allow_public_create)
+            creators = await db.schema_creators(conn)
+            if creators:
+                _unsafe_schema(db.schema, creators, allowed=allow_unsafe_schema)
             done = await db.applied_migrations(conn)
             for migration in load_migrations():
                 if migration.version in done:
@@ -116,7 +117,7 @@ async def migrate(db: Database, *, allow_public_create: bool = False) -> list[in
                 applied.append(migration.version)
             files = load_function_files()
             current = await db.function_hashes(conn)
-            if any(current.get(f.name) != f.sha256 for f in files):
+            if applied or any(current.get(f.name) != f.sha256 for f in files):
                 targets, workers = await db.apply_function_files(
                     conn, [(f.name, f.sql, f.sha256) for f in files]
                 )
@@ -126,16 +127,16 @@ async def migrate(db: Database, *, allow_public_create: bool = False) -> list[in
     return applied
 
 
-def _public_create(schema: str, *, allowed: bool) -> None:
+def _unsafe_schema(schema: str, creators: str, *, allowed: bool) -> None:
     message = (
-        f"PUBLIC may CREATE in schema {schema!r}: any role could define a function or table "
-        "there that the queue's functions would run. Run `REVOKE CREATE ON SCHEMA "
-        f'"{schema}" FROM PUBLIC` (the default since PostgreSQL 15), or install into a '
-        "dedicated schema (QUEUE_PROCESSOR_SCHEMA)"
+        f"roles other than its owner may CREATE in schema {schema!r} ({creators}): they could "
+        "define objects there that migrations would run as the owner. Run `REVOKE CREATE ON "
+        f'SCHEMA "{schema}" FROM {creators}` (PUBLIC lost it on public in PostgreSQL 15), '
+        "or install into a dedicated schema (QUEUE_PROCESSOR_SCHEMA)"
     )
     if not allowed:
-        raise ConfigurationError(message + "; --allow-public-create overrides this check")
-    log.warning("public_may_create", schema=schema, message=message)
+        raise ConfigurationError(message + "; --allow-unsafe-schema overrides this check")
+    log.warning("unsafe_schema", schema=schema, creators=creators, message=message)
 
 
 async def check_schema(db: Database) -> None:

@@ -18,17 +18,23 @@ SELECT set_config('search_path', %(path)s::text, false);
 -- The search_path for the rest of this transaction only (migrations: see db.py).
 SELECT set_config('search_path', %(path)s::text, true);
 
--- name: public_may_create
--- Whether every role may create objects in the queue schema (migrate refuses to install).
-SELECT has_schema_privilege('public', %(schema)s::text, 'CREATE') AS may_create;
+-- name: schema_creators
+-- The roles other than its owner that may create objects in the queue schema (migrate
+-- refuses to install there): PUBLIC, or role names.
+SELECT coalesce(string_agg(CASE a.grantee WHEN 0 THEN 'PUBLIC'
+                                          ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+                           ', ' ORDER BY a.grantee), '') AS roles
+  FROM pg_namespace AS n, aclexplode(n.nspacl) AS a
+ WHERE n.nspname = %(schema)s::text AND a.privilege_type = 'CREATE'
+   AND a.grantee <> n.nspowner;
 
 -- name: function_hashes
 -- The function files as last applied (sql/functions; the table exists from 0006 on).
-SELECT file, sha256 FROM queue_processor_functions;
+SELECT file, sha256 FROM {qs}.queue_processor_functions;
 
 -- name: record_function_file
 -- Remember the SHA-256 of an applied function file (same transaction as its DDL).
-INSERT INTO queue_processor_functions (file, sha256) VALUES (%(file)s::text, %(sha256)s::text)
+INSERT INTO {qs}.queue_processor_functions (file, sha256) VALUES (%(file)s::text, %(sha256)s::text)
 ON CONFLICT (file) DO UPDATE SET sha256 = EXCLUDED.sha256, applied_at = now();
 
 -- name: refresh_installed
@@ -41,19 +47,20 @@ SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s) AS found;
 
 -- name: applied_migrations
 -- Versions already applied.
-SELECT version FROM queue_processor_migrations ORDER BY version;
+SELECT version FROM {qs}.queue_processor_migrations ORDER BY version;
 
 -- name: record_migration
 -- Mark one migration applied (same transaction as its DDL).
-INSERT INTO queue_processor_migrations (version, name) VALUES (%(version)s, %(name)s);
+INSERT INTO {qs}.queue_processor_migrations (version, name) VALUES (%(version)s, %(name)s);
 
 -- name: schema_installed
--- Whether the migrations table exists in the queue schema (search_path).
-SELECT to_regclass('queue_processor_migrations') IS NOT NULL AS installed;
+-- Whether the migrations table exists in the queue schema.
+SELECT to_regclass(format('%%I.queue_processor_migrations', %(schema)s::text)) IS NOT NULL
+       AS installed;
 
 -- name: schema_version
 -- The newest applied migration.
-SELECT max(version) AS version FROM queue_processor_migrations;
+SELECT max(version) AS version FROM {qs}.queue_processor_migrations;
 
 -- name: register_target
 -- Register a target and install its triggers (see sql/migrations/0002_targets.sql).
@@ -86,7 +93,7 @@ SELECT pg_notify('embedding_queue', '');
 SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_type,
        content_columns, content_template, column_type, dimensions, model, model_column,
        generated_at_column
-  FROM embedding_targets
+  FROM {qs}.embedding_targets
  ORDER BY table_name, embedding_column;
 
 -- name: claim_batch
@@ -105,14 +112,14 @@ SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_t
 -- first row always. octet_length reads a TOASTed value's stored length, not the value.
 WITH due AS (
     SELECT id, false AS reclaimed
-      FROM embedding_queue
+      FROM {qs}.embedding_queue
      WHERE status = 'pending' AND next_attempt_at <= now()
      ORDER BY next_attempt_at, id
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 ), expired AS (
     SELECT id, true AS reclaimed
-      FROM embedding_queue
+      FROM {qs}.embedding_queue
      WHERE status = 'processing' AND lease_expires_at < now()
      ORDER BY lease_expires_at
      LIMIT %(limit)s
@@ -123,12 +130,12 @@ WITH due AS (
                OVER (ORDER BY c.reclaimed DESC, c.id ROWS UNBOUNDED PRECEDING) AS running_bytes,
            row_number() OVER (ORDER BY c.reclaimed DESC, c.id) AS n
       FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) AS c
-      JOIN embedding_queue AS q ON q.id = c.id
+      JOIN {qs}.embedding_queue AS q ON q.id = c.id
 ), picked AS (
     SELECT id, reclaimed FROM candidates
      WHERE n <= %(limit)s AND (n = 1 OR running_bytes <= %(max_claim_bytes)s::bigint)
 )
-UPDATE embedding_queue AS q
+UPDATE {qs}.embedding_queue AS q
    SET status = CASE WHEN p.reclaimed AND q.attempts >= %(max_attempts)s
                      THEN 'failed' ELSE 'processing' END,
        error_message = CASE WHEN p.reclaimed AND q.attempts >= %(max_attempts)s
@@ -159,11 +166,11 @@ SELECT {qs}.embedding_queue_expand(%(max_rows)s::integer) AS taken;
 -- Whether bulk-insert keys remain to be expanded (asked when a claim found nothing: another
 -- worker may be expanding them, so a draining worker should not stop yet).
 -- Through the view: the worker's role is granted that, not the inbox table.
-SELECT EXISTS (SELECT 1 FROM embedding_queue_inbox_status) AS pending;
+SELECT EXISTS (SELECT 1 FROM {qs}.embedding_queue_inbox_status) AS pending;
 
 -- name: renew_leases
 -- Extend the lease of items this claim still holds (a slow batch is not stolen).
-UPDATE embedding_queue
+UPDATE {qs}.embedding_queue
    SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
  WHERE id = ANY(%(ids)s::bigint[]) AND status = 'processing' AND claim_token = %(token)s;
 
@@ -186,7 +193,7 @@ SELECT 1 FROM {schema}.{table}
 -- Lock the queue rows this claim still owns: still processing with our token. A row
 -- requeued by an operator, re-pended by a content change or reclaimed after its lease
 -- expired fails this test and gets nothing written.
-SELECT id FROM embedding_queue
+SELECT id FROM {qs}.embedding_queue
  WHERE id = ANY(%(ids)s::bigint[]) AND status = 'processing' AND claim_token = %(token)s
  ORDER BY id
    FOR UPDATE;
@@ -203,7 +210,7 @@ UPDATE {schema}.{table} AS t
           FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[]) WITH ORDINALITY AS k(id, qid, ord)
        ) AS v
  WHERE t.{id_column} = v.id
-   AND EXISTS (SELECT 1 FROM embedding_queue AS q
+   AND EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
 RETURNING v.qid;
 
@@ -214,7 +221,7 @@ UPDATE {schema}.{table} AS t
    SET {column} = v.vec{companions}
   FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[], %(vectors)b) AS v(id, qid, vec)
  WHERE t.{id_column} = v.id
-   AND EXISTS (SELECT 1 FROM embedding_queue AS q
+   AND EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
 RETURNING v.qid;
 
@@ -224,7 +231,7 @@ UPDATE {schema}.{table} AS t
    SET {column} = v.blob{companions}
   FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[], %(blobs)s::bytea[]) AS v(id, qid, blob)
  WHERE t.{id_column} = v.id
-   AND EXISTS (SELECT 1 FROM embedding_queue AS q
+   AND EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
 RETURNING v.qid;
 
@@ -236,7 +243,7 @@ RETURNING v.qid;
 WITH written AS (
     {write}
 )
-UPDATE embedding_queue AS q
+UPDATE {qs}.embedding_queue AS q
    SET status = 'done', processed_at = now(), updated_at = now(), error_message = NULL,
        claim_token = NULL, lease_expires_at = NULL,
        detail = CASE WHEN q.id IN (SELECT w.qid FROM written AS w) THEN NULL
@@ -246,7 +253,7 @@ RETURNING q.id, q.detail IS NOT NULL AS missing;
 
 -- name: fail_items
 -- Permanent failures: each item ends failed with its own message.
-UPDATE embedding_queue AS q
+UPDATE {qs}.embedding_queue AS q
    SET status = 'failed', error_message = f.message, processed_at = now(), updated_at = now(),
        claim_token = NULL, lease_expires_at = NULL
   FROM unnest(%(ids)s::bigint[], %(messages)s::text[]) AS f(id, message)
@@ -256,7 +263,7 @@ RETURNING q.id;
 -- name: retry_items
 -- Transient failure: back to pending with exponential backoff and jitter (never sooner than
 -- the provider's Retry-After), or failed once the attempts are used up.
-UPDATE embedding_queue AS q
+UPDATE {qs}.embedding_queue AS q
    SET status = CASE WHEN q.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
        error_message = %(message)s,
        next_attempt_at = now() + make_interval(secs => greatest(
@@ -272,7 +279,7 @@ RETURNING q.id, q.status;
 -- name: release_items
 -- Give back claimed items that were never worked on (shutdown): pending again, due now, and
 -- the claim does not count as an attempt.
-UPDATE embedding_queue AS q
+UPDATE {qs}.embedding_queue AS q
    SET status = 'pending', attempts = greatest(q.attempts - 1, 0), next_attempt_at = now(),
        updated_at = now(), claim_token = NULL, lease_expires_at = NULL
  WHERE q.id = ANY(%(ids)s::bigint[]) AND q.status = 'processing' AND q.claim_token = %(token)s
@@ -280,64 +287,64 @@ RETURNING q.id;
 
 -- name: record_usage
 -- Account one batch's provider usage (same transaction as its acknowledgement).
-INSERT INTO embedding_usage (owner, model, items, tokens, requests)
+INSERT INTO {qs}.embedding_usage (owner, model, items, tokens, requests)
 VALUES (%(owner)s, %(model)s, %(items)s, %(tokens)s, %(requests)s);
 
 -- name: status_counts
 -- Counts by table, column and status (the seed's status query, per column).
 SELECT table_name, embedding_column, status, count
-  FROM embedding_queue_status
+  FROM {qs}.embedding_queue_status
  ORDER BY table_name, embedding_column, status;
 
 -- name: inbox_status
 -- Bulk inserts not yet expanded into queue rows, per target.
 SELECT table_name, embedding_column, statements, rows
-  FROM embedding_queue_inbox_status
+  FROM {qs}.embedding_queue_inbox_status
  ORDER BY table_name, embedding_column;
 
 -- name: status_summary
 -- Depth, oldest pending age and throughput (one row).
-SELECT * FROM embedding_queue_summary;
+SELECT * FROM {qs}.embedding_queue_summary;
 
 -- name: usage_summary
 -- Tokens and requests per model.
-SELECT * FROM embedding_usage_summary ORDER BY model NULLS FIRST;
+SELECT * FROM {qs}.embedding_usage_summary ORDER BY model NULLS FIRST;
 
 -- name: recent_failures
 -- The newest failures with their error messages.
 SELECT id, table_name, embedding_column, record_id, attempts, error_message, updated_at
-  FROM embedding_queue_failures
+  FROM {qs}.embedding_queue_failures
  LIMIT %(limit)s;
 
 -- name: requeue_failed
 -- failed -> pending for the rows matching every given filter (NULL filter = any); the
 -- requeue trigger resets attempts, backoff and claim. dry_run returns the rows untouched.
 WITH matched AS (
-    SELECT id FROM embedding_queue
+    SELECT id FROM {qs}.embedding_queue
      WHERE status = 'failed'
        AND (%(table_name)s::text IS NULL OR table_name = %(table_name)s)
        AND (%(column)s::text IS NULL OR embedding_column = %(column)s)
        AND (%(record_ids)s::text[] IS NULL OR record_id = ANY(%(record_ids)s::text[]))
        AND (%(error_like)s::text IS NULL OR error_message ILIKE %(error_like)s)
 ), moved AS (
-    UPDATE embedding_queue AS q
+    UPDATE {qs}.embedding_queue AS q
        SET status = 'pending', error_message = NULL
       FROM matched
      WHERE q.id = matched.id AND NOT %(dry_run)s
     RETURNING q.id
 )
 SELECT q.id, q.table_name, q.embedding_column, q.record_id, q.error_message
-  FROM embedding_queue AS q JOIN matched USING (id)
+  FROM {qs}.embedding_queue AS q JOIN matched USING (id)
  ORDER BY q.id;
 
 -- name: purge_done
 -- Delete done rows older than the given age (uses embedding_queue_done_idx).
-DELETE FROM embedding_queue
+DELETE FROM {qs}.embedding_queue
  WHERE status = 'done' AND processed_at < now() - make_interval(secs => %(older_than_seconds)s);
 
 -- name: purge_usage
 -- Delete usage rows older than the given age.
-DELETE FROM embedding_usage WHERE at < now() - make_interval(secs => %(older_than_seconds)s);
+DELETE FROM {qs}.embedding_usage WHERE at < now() - make_interval(secs => %(older_than_seconds)s);
 
 -- name: estimate_pending
 -- Pending work for the estimate: items and an estimated token count (4 bytes per token,
@@ -345,7 +352,7 @@ DELETE FROM embedding_usage WHERE at < now() - make_interval(secs => %(older_tha
 SELECT table_name, embedding_column, sum(items)::bigint AS items, sum(tokens)::bigint AS tokens
   FROM (SELECT table_name, embedding_column, count(*) AS items,
                coalesce(sum(greatest(1, ceil(octet_length(content) / 4.0))), 0) AS tokens
-          FROM embedding_queue
+          FROM {qs}.embedding_queue
          WHERE status IN ('pending', 'processing') AND content IS NOT NULL
          GROUP BY table_name, embedding_column
         UNION ALL
@@ -396,7 +403,7 @@ SELECT n.nspname AS schema FROM pg_extension e JOIN pg_namespace n ON n.oid = e.
 
 -- name: create_vector_extension
 -- Install pgvector (needs the privilege to create extensions).
-CREATE EXTENSION IF NOT EXISTS vector;
+CREATE EXTENSION IF NOT EXISTS vector SCHEMA {qs};
 
 -- name: add_embedding_column
 -- Add a vector/halfvec target column of fixed dimensions if it does not exist.
@@ -423,13 +430,13 @@ SELECT c.oid AS table_oid, n.nspname AS schema_name, c.relname AS relation_name
 
 -- name: cache_lookup
 -- Cached vectors for these content hashes (primary key lookups).
-SELECT content_hash, embedding FROM embedding_cache
+SELECT content_hash, embedding FROM {qs}.embedding_cache
  WHERE model = %(model)s AND dimensions = %(dimensions)s
    AND content_hash = ANY(%(hashes)s::bytea[]);
 
 -- name: cache_store
 -- Remember freshly embedded vectors; a concurrent worker may have stored the same text.
-INSERT INTO embedding_cache (model, dimensions, content_hash, embedding)
+INSERT INTO {qs}.embedding_cache (model, dimensions, content_hash, embedding)
 SELECT %(model)s, %(dimensions)s, h, e
   FROM unnest(%(hashes)s::bytea[], %(embeddings)s::bytea[]) AS c(h, e)
 ON CONFLICT DO NOTHING;
@@ -439,8 +446,8 @@ ON CONFLICT DO NOTHING;
 -- Rows by status, for the queue_depth gauge and the /healthz database check. A scan of the
 -- hot table every few seconds: `purge` keeps done rows from piling up.
 SELECT status, count(*)::bigint AS count
-  FROM embedding_queue
+  FROM {qs}.embedding_queue
  GROUP BY status
 UNION ALL
 -- Keys of bulk inserts still in the inbox, under the pseudo-status 'inbox'.
-SELECT 'inbox', coalesce(sum(rows), 0)::bigint FROM embedding_queue_inbox_status;
+SELECT 'inbox', coalesce(sum(rows), 0)::bigint FROM {qs}.embedding_queue_inbox_status;

@@ -27,7 +27,6 @@ from queue_processor.db import (
     Row,
     VectorBatch,
     float4_array,
-    statement,
 )
 from queue_processor.errors import ConfigurationError, PermanentError
 from queue_processor.models import (
@@ -52,7 +51,7 @@ def _target(row: Row) -> Target:
 async def list_targets(db: Database) -> list[Target]:
     """Every registered target."""
     async with db.connection() as conn:
-        rows = await db.fetch_all(conn, statement("list_targets"))
+        rows = await db.fetch_all(conn, db.statement("list_targets"))
     return [_target(r) for r in rows]
 
 
@@ -79,7 +78,7 @@ async def register_target(
         rel = await _resolve_table(db, conn, table)
         row = await db.fetch_one(
             conn,
-            statement("register_target", qs=db.schema),
+            db.statement("register_target"),
             {
                 "table_oid": rel["table_oid"],
                 "column": column,
@@ -102,7 +101,7 @@ async def _resolve_table(db: Database, conn: Connection, table: str) -> Row:
     """The table named ``table`` (a bare name: in the queue schema, else public; never a
     temporary table): its oid, schema_name and relation_name. ConfigurationError if none."""
     rel = await db.fetch_one(
-        conn, statement("resolve_table"), {"table": table, "schema": db.schema}
+        conn, db.statement("resolve_table"), {"table": table, "schema": db.schema}
     )
     if rel is None:
         where = "" if "." in table else f" (looked in schemas {db.schema!r} and 'public')"
@@ -115,7 +114,7 @@ async def unregister_target(db: Database, table_name: str, column: str) -> bool:
     async with db.connection() as conn:
         row = await db.fetch_one(
             conn,
-            statement("unregister_target", qs=db.schema),
+            db.statement("unregister_target"),
             {"table_name": table_name, "column": column},
         )
     return bool(row and row["removed"])
@@ -132,10 +131,10 @@ async def backfill(
     async with db.connection() as conn:
         row = await db.fetch_one(
             conn,
-            statement("backfill", qs=db.schema),
+            db.statement("backfill"),
             {"table_name": table_name, "column": column, "mode": mode, "ids": ids},
         )
-        await db.execute(conn, statement("notify_queue"))
+        await db.execute(conn, db.statement("notify_queue"))
     assert row is not None
     return int(row["queued"])
 
@@ -215,12 +214,12 @@ async def claim_batch(
     async with db.connection(autocommit=True) as conn:
         await db.execute(
             conn,
-            statement("expand_inbox", qs=db.schema),
+            db.statement("expand_inbox"),
             {"max_rows": max(EXPAND_MIN, EXPAND_FACTOR * limit)},
         )
         rows = await db.fetch_all(
             conn,
-            statement("claim_batch"),
+            db.statement("claim_batch"),
             {
                 "limit": limit,
                 "owner": owner,
@@ -233,7 +232,7 @@ async def claim_batch(
         )
         inbox_pending = False
         if not rows:
-            found = await db.fetch_one(conn, statement("inbox_pending"))
+            found = await db.fetch_one(conn, db.statement("inbox_pending"))
             inbox_pending = bool(found and found["pending"])
     items: list[QueueItem] = []
     exhausted: list[QueueItem] = []
@@ -271,7 +270,7 @@ async def renew_leases(
     async with db.connection(autocommit=True) as conn:
         return await db.execute(
             conn,
-            statement("renew_leases"),
+            db.statement("renew_leases"),
             {"ids": list(ids), "token": token, "lease_seconds": lease_seconds},
         )
 
@@ -299,16 +298,18 @@ async def complete(
     # queue rows still claimed under our token (the enqueue triggers' lock order), so nobody
     # can take a claim over between the check and the write. Each write re-checks the claim
     # in SQL, so items that are no longer ours are neither written nor acknowledged.
-    steps: list[tuple[Query, Params | None]] = [(statement("mark_worker_write"), None)]
+    steps: list[tuple[Query, Params | None]] = [(db.statement("mark_worker_write"), None)]
     steps += [
         (targets.lock_statement(group[0].target), {"ids": [w.key for w in group]})
         for group in groups
     ]
-    steps.append((statement("lock_valid_claims"), {"ids": all_ids, "token": token}))
+    steps.append((db.statement("lock_valid_claims"), {"ids": all_ids, "token": token}))
     first_write = len(steps)
     steps += [
         (
-            statement("write_and_ack", write=targets.write_statement(group[0].target)),
+            db.statement(
+                "write_and_ack", write=targets.write_statement(group[0].target, db.schema)
+            ),
             _write_params(group, token, model),
         )
         for group in groups
@@ -316,7 +317,7 @@ async def complete(
     if failures:
         steps.append(
             (
-                statement("fail_items"),
+                db.statement("fail_items"),
                 {
                     "ids": [item.id for item, _ in failures],
                     "messages": [msg for _, msg in failures],
@@ -327,7 +328,7 @@ async def complete(
     if usage is not None:
         steps.append(
             (
-                statement("record_usage"),
+                db.statement("record_usage"),
                 {
                     "owner": usage.owner,
                     "model": model,
@@ -379,7 +380,7 @@ async def fail(
     async with db.connection(autocommit=True) as conn:
         rows = await db.fetch_all(
             conn,
-            statement("fail_items"),
+            db.statement("fail_items"),
             {
                 "ids": [item.id for item, _ in failures],
                 "messages": [msg for _, msg in failures],
@@ -409,7 +410,7 @@ async def schedule_retry(
     async with db.connection(autocommit=True) as conn:
         rows = await db.fetch_all(
             conn,
-            statement("retry_items"),
+            db.statement("retry_items"),
             {
                 "ids": [i.id for i in items],
                 "token": token,
@@ -431,7 +432,7 @@ async def release(db: Database, token: ClaimToken, ids: Sequence[QueueId]) -> in
         return 0
     async with db.connection(autocommit=True) as conn:
         rows = await db.fetch_all(
-            conn, statement("release_items"), {"ids": list(ids), "token": token}
+            conn, db.statement("release_items"), {"ids": list(ids), "token": token}
         )
     return len(rows)
 
@@ -454,11 +455,13 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
     """Counts by table/column/status, depth and throughput, usage, recent failures, and bulk
     inserts not yet expanded into queue rows."""
     async with db.connection() as conn:
-        counts = await db.fetch_all(conn, statement("status_counts"))
-        summary = await db.fetch_one(conn, statement("status_summary"))
-        usage = await db.fetch_all(conn, statement("usage_summary"))
-        failures = await db.fetch_all(conn, statement("recent_failures"), {"limit": failures_limit})
-        inbox = await db.fetch_all(conn, statement("inbox_status"))
+        counts = await db.fetch_all(conn, db.statement("status_counts"))
+        summary = await db.fetch_one(conn, db.statement("status_summary"))
+        usage = await db.fetch_all(conn, db.statement("usage_summary"))
+        failures = await db.fetch_all(
+            conn, db.statement("recent_failures"), {"limit": failures_limit}
+        )
+        inbox = await db.fetch_all(conn, db.statement("inbox_status"))
     assert summary is not None
     return StatusReport(counts, summary, usage, failures, inbox)
 
@@ -480,7 +483,7 @@ async def requeue_failed(
     async with db.connection() as conn:
         rows = await db.fetch_all(
             conn,
-            statement("requeue_failed"),
+            db.statement("requeue_failed"),
             {
                 "table_name": table_name,
                 "column": column,
@@ -490,7 +493,7 @@ async def requeue_failed(
             },
         )
         if rows and not dry_run:
-            await db.execute(conn, statement("notify_queue"))
+            await db.execute(conn, db.statement("notify_queue"))
     return rows
 
 
@@ -498,16 +501,18 @@ async def purge(db: Database, older_than_seconds: float) -> int:
     """Delete done items (and usage records) older than the given age; return items deleted."""
     async with db.connection() as conn:
         deleted = await db.execute(
-            conn, statement("purge_done"), {"older_than_seconds": older_than_seconds}
+            conn, db.statement("purge_done"), {"older_than_seconds": older_than_seconds}
         )
-        await db.execute(conn, statement("purge_usage"), {"older_than_seconds": older_than_seconds})
+        await db.execute(
+            conn, db.statement("purge_usage"), {"older_than_seconds": older_than_seconds}
+        )
     return deleted
 
 
 async def estimate_pending(db: Database) -> list[Row]:
     """Queued (pending or in-flight) items and estimated tokens per target."""
     async with db.connection() as conn:
-        return await db.fetch_all(conn, statement("estimate_pending", qs=db.schema))
+        return await db.fetch_all(conn, db.statement("estimate_pending"))
 
 
 async def estimate_target(
@@ -517,7 +522,7 @@ async def estimate_target(
     async with db.connection() as conn:
         row = await db.fetch_one(
             conn,
-            statement("estimate_target", qs=db.schema),
+            db.statement("estimate_target"),
             {"table_name": table_name, "column": column, "mode": mode},
         )
     assert row is not None
@@ -527,7 +532,7 @@ async def estimate_target(
 async def grant_worker(db: Database, role: str) -> int:
     """Grant ``role`` the worker's least privileges; return the number of targets covered."""
     async with db.connection() as conn:
-        row = await db.fetch_one(conn, statement("grant_worker", qs=db.schema), {"role": role})
+        row = await db.fetch_one(conn, db.statement("grant_worker"), {"role": role})
     assert row is not None
     return int(row["targets"])
 
@@ -542,7 +547,7 @@ async def search(db: Database, target: Target, query: npt.NDArray[np.float32], k
     async with db.connection() as conn:
         vtype = await db.fetch_one(
             conn,
-            statement("vector_type"),
+            db.statement("vector_type"),
             {
                 "schema": target.schema_name,
                 "table": target.relation_name,
@@ -568,17 +573,17 @@ async def add_embedding_column(db: Database, table: str, column: str, dimensions
     kind = "vector" if dimensions <= HNSW_MAX_VECTOR_DIMS else "halfvec"
     async with db.connection() as conn:
         rel = await _resolve_table(db, conn, table)
-        ext = await db.fetch_one(conn, statement("vector_extension_schema"))
+        ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         if ext is None:
-            await db.execute(conn, statement("create_vector_extension"))
-            ext = await db.fetch_one(conn, statement("vector_extension_schema"))
+            await db.execute(conn, db.statement("create_vector_extension"))
+            ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         assert ext is not None
         vtype = sql.SQL("{}({})").format(
             sql.Identifier(ext["schema"], kind), sql.Literal(int(dimensions))
         )
         await db.execute(
             conn,
-            statement(
+            db.statement(
                 "add_embedding_column",
                 table=sql.Identifier(rel["schema_name"], rel["relation_name"]),
                 column=column,
@@ -605,11 +610,11 @@ async def create_hnsw_index(db: Database, target: Target) -> str:
     name = f"{target.relation_name}_{target.embedding_column}_hnsw_idx"[:63]
     opclass = "vector_cosine_ops" if target.column_type == "vector" else "halfvec_cosine_ops"
     async with db.connection(autocommit=True) as conn:
-        ext = await db.fetch_one(conn, statement("vector_extension_schema"))
+        ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         assert ext is not None
         await db.execute(
             conn,
-            statement(
+            db.statement(
                 "create_hnsw_index",
                 index=name,
                 table=sql.Identifier(target.schema_name, target.relation_name),
@@ -637,7 +642,7 @@ async def cache_lookup(
     async with db.connection(autocommit=True) as conn:
         rows = await db.fetch_all(
             conn,
-            statement("cache_lookup"),
+            db.statement("cache_lookup"),
             {"model": model, "dimensions": dimensions or 0, "hashes": list(hashes)},
         )
     return {bytes(r["content_hash"]): np.frombuffer(r["embedding"], dtype="<f4") for r in rows}
@@ -655,7 +660,7 @@ async def cache_store(
     async with db.connection(autocommit=True) as conn:
         await db.execute(
             conn,
-            statement("cache_store"),
+            db.statement("cache_store"),
             {
                 "model": model,
                 "dimensions": dimensions or 0,
@@ -668,5 +673,5 @@ async def cache_store(
 async def queue_depth(db: Database) -> dict[str, int]:
     """Queue rows by status (statuses without rows are absent)."""
     async with db.connection(autocommit=True) as conn:
-        rows = await db.fetch_all(conn, statement("queue_depth"))
+        rows = await db.fetch_all(conn, db.statement("queue_depth"))
     return {str(row["status"]): int(row["count"]) for row in rows}

@@ -100,8 +100,9 @@ def lock_statement(target: Target) -> sql.Composed | sql.SQL:
     )
 
 
-def write_statement(target: Target) -> sql.Composed | sql.SQL:
-    """The UPDATE that writes one batch of vectors into this target."""
+def write_statement(target: Target, queue_schema: str) -> sql.Composed | sql.SQL:
+    """The UPDATE that writes one batch of vectors into this target (its claim check reads
+    the queue in ``queue_schema``)."""
     match target.column_type:
         case "vector" | "halfvec":
             name = "write_pgvector"
@@ -111,6 +112,7 @@ def write_statement(target: Target) -> sql.Composed | sql.SQL:
             name = "write_vectors"
     return statement(
         name,
+        qs=queue_schema,
         schema=target.schema_name,
         table=target.relation_name,
         column=target.embedding_column,
@@ -141,7 +143,6 @@ def search_statement(target: Target, type_schema: str, type_name: str) -> sql.Co
         id_column=target.id_column,
         content=content,
         vtype=sql.Identifier(type_schema, type_name),
-        # pgvector's operator by its schema: the session's search_path holds only pg_catalog
-        # and the queue schema.
+        # pgvector's operator by its schema: the session's search_path holds only pg_catalog.
         distance=sql.SQL("OPERATOR({}.<=>)").format(sql.Identifier(type_schema)),
     )

@@ -2,19 +2,21 @@
 --
 -- Files in sql/functions are re-applied by `migrate` whenever their text changes (after the
 -- migrations), so they always hold the current definition: CREATE OR REPLACE only, the same
--- signatures. They run with search_path = pg_catalog, <queue schema>, pg_temp, which
--- `SET search_path FROM CURRENT` pins into every function: the queue schema is found before
--- any temporary table, and pg_temp comes last. `migrate` refuses a queue schema in which
--- PUBLIC may CREATE, so no other role can plant an object that these names would resolve to.
--- EXECUTE is revoked from PUBLIC at the end of every file (see the last file).
+-- signatures. `migrate` replaces @qs@ with the queue schema's quoted name: every object of
+-- ours is named with its schema, and every function runs with
+-- `SET search_path = pg_catalog, pg_temp`. So no name in these files can resolve to an object
+-- another role planted: not a temporary table (pg_temp is searched last, and never for
+-- functions), not a function in public or even in the queue schema (an exact-type overload
+-- there would otherwise beat a polymorphic or variadic built-in such as format or
+-- cardinality). Privileges are settled after every migrate (embedding_refresh_installed).
 
 -- Operators' requeue (`UPDATE ... SET status = 'pending', error_message = NULL WHERE status =
 -- 'failed'`, or the seed's ON CONFLICT ... SET status = 'pending') only names the status. A
 -- row moved back to pending from done/failed must also get a fresh budget of attempts, be due
 -- now and drop any stale claim. A requeued row is due now, so waiting workers are woken.
-CREATE OR REPLACE FUNCTION embedding_queue_on_requeue() RETURNS trigger
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_on_requeue() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_notify('embedding_queue', '');
     NEW.attempts := 0;
@@ -29,9 +31,9 @@ END;
 $$;
 
 -- A pending row inserted by hand (the seed's requeue INSERT, a backfill) wakes waiting workers.
-CREATE OR REPLACE FUNCTION embedding_queue_notify() RETURNS trigger
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_notify() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_notify('embedding_queue', '');
     RETURN NULL;
@@ -40,16 +42,16 @@ $$;
 
 -- The schema holding embedding_queue (generated trigger functions are created there and
 -- qualify every reference, since they run with search_path = pg_catalog, pg_temp).
-CREATE OR REPLACE FUNCTION embedding_queue_nsp() RETURNS text
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_nsp() RETURNS text
 LANGUAGE sql STABLE
-SET search_path FROM CURRENT
+SET search_path = pg_catalog, pg_temp
 RETURN (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.oid = 'embedding_queue'::regclass);
+         WHERE c.oid = '@qs@.embedding_queue'::regclass);
 
 -- Blank means NULL, empty or whitespace only: such content is never embedded.
 -- Written for speed, since every queued row pays for it (see 0002_targets.sql). No SET
 -- clause: a function with one is never inlined, and this one only calls pg_catalog.
-CREATE OR REPLACE FUNCTION embedding_queue_is_blank(content text) RETURNS boolean
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_is_blank(content text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN content IS NULL
     OR (pg_catalog.ascii(content) IN (0, 9, 10, 11, 12, 13, 32)
@@ -59,9 +61,9 @@ RETURN content IS NULL
 -- for functions no role has any business calling directly (trigger functions, including
 -- the SECURITY DEFINER ones generated per target). Default privileges (e.g. Supabase's
 -- `GRANT ALL ON FUNCTIONS TO anon, authenticated`) may have granted it to named roles.
-CREATE OR REPLACE FUNCTION embedding_queue_make_private(p_function regprocedure) RETURNS void
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_make_private(p_function regprocedure) RETURNS void
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     grantee regrole;
 BEGIN

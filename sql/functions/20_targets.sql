@@ -11,10 +11,10 @@
 --   a template      -> 'Title: {title}\nGenre: {genre}' becomes format('Title: %s\nGenre: %s',
 --                      alias.title, alias.genre), NULL when every placeholder is blank.
 -- Templates use {column}; '%' is literal. The columns were validated by the caller.
-CREATE OR REPLACE FUNCTION embedding_queue_content_sql(columns text[], template text, alias text)
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_content_sql(columns text[], template text, alias text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rest text := template;
     fmt text := '';
@@ -58,9 +58,9 @@ END;
 $$;
 
 -- The columns a template names, in order, so they can be validated.
-CREATE OR REPLACE FUNCTION embedding_queue_template_columns(template text) RETURNS text[]
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_template_columns(template text) RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     rest text := template;
     cols text[] := '{}';
@@ -88,14 +88,14 @@ END;
 $$;
 
 -- The registry row of a target; raises undefined_object when it is not registered.
-CREATE OR REPLACE FUNCTION embedding_target(p_table_name text, p_embedding_column text)
-RETURNS embedding_targets
+CREATE OR REPLACE FUNCTION @qs@.embedding_target(p_table_name text, p_embedding_column text)
+RETURNS @qs@.embedding_targets
 LANGUAGE plpgsql STABLE
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t embedding_targets;
+    t @qs@.embedding_targets;
 BEGIN
-    SELECT * INTO t FROM embedding_targets
+    SELECT * INTO t FROM @qs@.embedding_targets
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no registered target %.%', p_table_name, p_embedding_column
@@ -110,21 +110,21 @@ $$;
 -- Rows already queued go back to pending with their current content. Rows are queued in key
 -- order, the order the enqueue triggers use, so a backfill running next to multi-row
 -- application writes takes queue row locks in the same order and cannot deadlock with them.
-CREATE OR REPLACE FUNCTION embedding_queue_backfill(
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_backfill(
     p_table_name text,
     p_embedding_column text,
     p_mode text DEFAULT 'missing',
     p_ids text[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t embedding_targets;
-    queue regclass := 'embedding_queue'::regclass;
+    t @qs@.embedding_targets;
+    queue regclass := '@qs@.embedding_queue'::regclass;
     filter text;
     n bigint;
 BEGIN
-    t := embedding_target(p_table_name, p_embedding_column);
+    t := @qs@.embedding_target(p_table_name, p_embedding_column);
     filter := CASE p_mode
         WHEN 'missing' THEN format('r.%I IS NULL', t.embedding_column)
         WHEN 'all' THEN 'true'
@@ -140,7 +140,7 @@ BEGIN
         INSERT INTO %s AS q (table_name, record_id, embedding_column, content)
         SELECT %L, r.%I::text, %L, c.content
           FROM %I.%I AS r CROSS JOIN LATERAL (SELECT %s AS content) AS c
-         WHERE %s AND r.%I IS NOT NULL AND NOT embedding_queue_is_blank(c.content)
+         WHERE %s AND r.%I IS NOT NULL AND NOT @qs@.embedding_queue_is_blank(c.content)
          ORDER BY r.%I
         ON CONFLICT (table_name, record_id, embedding_column) DO UPDATE
            SET content = EXCLUDED.content, status = 'pending', attempts = 0,
@@ -150,7 +150,7 @@ BEGIN
         $q$,
         queue, t.table_name, t.id_column, t.embedding_column,
         t.schema_name, t.relation_name,
-        embedding_queue_content_sql(t.content_columns, t.content_template, 'r'),
+        @qs@.embedding_queue_content_sql(t.content_columns, t.content_template, 'r'),
         filter, t.id_column, t.id_column)
     USING p_ids;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -170,7 +170,7 @@ $$;
 --   p_backfill         'none', 'missing' or 'all': queue existing rows now
 -- Returns the table_name label queue rows will carry. Re-registering replaces the triggers in
 -- the same transaction, so no write goes unqueued in between.
-CREATE OR REPLACE FUNCTION embedding_register_target(
+CREATE OR REPLACE FUNCTION @qs@.embedding_register_target(
     p_table regclass,
     p_embedding_column text,
     p_content_columns text[] DEFAULT NULL,
@@ -183,9 +183,9 @@ CREATE OR REPLACE FUNCTION embedding_register_target(
     p_backfill text DEFAULT 'none'
 ) RETURNS text
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    qs text := embedding_queue_nsp();
+    qs text := @qs@.embedding_queue_nsp();
     -- Generated functions run with search_path = pg_catalog: qualify our objects.
     queue text := format('%I.embedding_queue', qs);
     blank text := format('%I.embedding_queue_is_blank', qs);
@@ -208,12 +208,11 @@ DECLARE
     clear_sets text;
     stored_cols text;
     generated_content boolean;
-    stale_cond text;
     clear_update text;
-    clear_after text;
+    clear_allowed text;
     upsert text;
     notify text;
-    previous embedding_targets;
+    previous @qs@.embedding_targets;
 BEGIN
     SELECT n.nspname, cl.relname, cl.relkind INTO nsp, rel, relkind
       FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
@@ -238,12 +237,12 @@ BEGIN
      WHERE a.attrelid = p_table AND a.attname = p_embedding_column
        AND a.attnum > 0 AND NOT a.attisdropped;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(p_embedding_column)
+        RAISE EXCEPTION 'table % has no column %', label, quote_ident(p_embedding_column)
               USING ERRCODE = 'undefined_column';
     END IF;
     IF kind IS NULL THEN
         RAISE EXCEPTION 'column %.% has type %; supported: vector, halfvec, real[], double precision[], jsonb, bytea',
-            p_table, quote_ident(p_embedding_column),
+            label, quote_ident(p_embedding_column),
             (SELECT format_type(atttypid, atttypmod) FROM pg_attribute
               WHERE attrelid = p_table AND attname = p_embedding_column)
             USING ERRCODE = 'datatype_mismatch';
@@ -251,7 +250,7 @@ BEGIN
     IF kind IN ('vector', 'halfvec') AND typmod > 0 THEN
         IF dims IS NOT NULL AND dims <> typmod THEN
             RAISE EXCEPTION 'column %.% holds % dimensions but % were requested',
-                p_table, quote_ident(p_embedding_column), typmod, dims
+                label, quote_ident(p_embedding_column), typmod, dims
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         dims := typmod;
@@ -263,21 +262,21 @@ BEGIN
           FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
          WHERE i.indrelid = p_table AND i.indisprimary AND i.indnkeyatts = 1;
         IF idcol IS NULL THEN
-            RAISE EXCEPTION 'table % has no single-column primary key; pass p_id_column', p_table
+            RAISE EXCEPTION 'table % has no single-column primary key; pass p_id_column', label
                   USING ERRCODE = 'invalid_parameter_value';
         END IF;
     ELSIF NOT EXISTS (
         SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
          WHERE i.indrelid = p_table AND i.indisunique AND i.indnkeyatts = 1
            AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = idcol) THEN
-        RAISE EXCEPTION 'column %.% is not unique (no single-column unique index)', p_table, quote_ident(idcol)
+        RAISE EXCEPTION 'column %.% is not unique (no single-column unique index)', label, quote_ident(idcol)
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT format_type(a.atttypid, NULL) INTO idtype
       FROM pg_attribute a WHERE a.attrelid = p_table AND a.attname = idcol;
     IF idtype NOT IN ('smallint', 'integer', 'bigint', 'uuid', 'text', 'character varying') THEN
         RAISE EXCEPTION 'key column %.% has type %; supported: smallint, integer, bigint, uuid, text, varchar',
-            p_table, quote_ident(idcol), idtype USING ERRCODE = 'datatype_mismatch';
+            label, quote_ident(idcol), idtype USING ERRCODE = 'datatype_mismatch';
     END IF;
 
     -- Content: columns or a template, never both.
@@ -285,7 +284,7 @@ BEGIN
         RAISE EXCEPTION 'pass exactly one of p_content_columns or p_template'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    cols := COALESCE(p_content_columns, embedding_queue_template_columns(p_template));
+    cols := COALESCE(p_content_columns, @qs@.embedding_queue_template_columns(p_template));
     IF cardinality(cols) = 0 OR array_position(cols, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'content needs at least one column, and no NULL column names'
               USING ERRCODE = 'invalid_parameter_value';
@@ -294,18 +293,18 @@ BEGIN
         IF c IS NOT NULL AND NOT EXISTS (
             SELECT 1 FROM pg_attribute
              WHERE attrelid = p_table AND attname = c AND attnum > 0 AND NOT attisdropped) THEN
-            RAISE EXCEPTION 'table % has no column %', p_table, quote_ident(c)
+            RAISE EXCEPTION 'table % has no column %', label, quote_ident(c)
                   USING ERRCODE = 'undefined_column';
         END IF;
     END LOOP;
     -- Content computed by PostgreSQL itself. A virtual column (PostgreSQL 18) reads as NULL
     -- in transition tables, so its content would never be seen: refuse it. A stored one is
     -- fine, but a BEFORE trigger cannot look at it (it is computed after them), so blank
-    -- content is then cleared by the AFTER triggers instead (see clear_after).
+    -- content is then cleared by an AFTER trigger instead (see clear_update).
     IF EXISTS (SELECT 1 FROM pg_attribute
                 WHERE attrelid = p_table AND attname = ANY (cols) AND attgenerated = 'v') THEN
         RAISE EXCEPTION 'table % builds content from a virtual generated column; make it STORED',
-            p_table USING ERRCODE = 'feature_not_supported';
+            label USING ERRCODE = 'feature_not_supported';
     END IF;
     generated_content := EXISTS (
         SELECT 1 FROM pg_attribute
@@ -318,7 +317,7 @@ BEGIN
     -- Two tables may not share a label ('a.b' is both table b in schema a and table "a.b" in
     -- public): their queue rows would be indistinguishable, and they would share the
     -- generated functions, so registering the second would rewire the first's triggers.
-    SELECT * INTO previous FROM embedding_targets
+    SELECT * INTO previous FROM @qs@.embedding_targets
      WHERE table_name = label AND embedding_column = p_embedding_column;
     IF FOUND AND (previous.schema_name, previous.relation_name) IS DISTINCT FROM (nsp, rel) THEN
         RAISE EXCEPTION 'target %.% is already registered for table %.%',
@@ -329,8 +328,8 @@ BEGIN
 
     suffix := substr(md5(label || '/' || p_embedding_column), 1, 12);
     fn := 'embedding_queue_t' || suffix;
-    expr_n := embedding_queue_content_sql(cols, p_template, 'n');
-    expr_o := embedding_queue_content_sql(cols, p_template, 'o');
+    expr_n := @qs@.embedding_queue_content_sql(cols, p_template, 'n');
+    expr_o := @qs@.embedding_queue_content_sql(cols, p_template, 'o');
     clear_sets := format('NEW.%I := NULL;', p_embedding_column)
         || CASE WHEN p_model_column IS NULL THEN ''
                 ELSE format(' NEW.%I := NULL;', p_model_column) END
@@ -341,23 +340,19 @@ BEGIN
       INTO stored_cols
       FROM unnest(ARRAY[p_embedding_column, p_model_column, p_generated_at_column]) AS x
      WHERE x IS NOT NULL;
-    -- Clearing from an AFTER trigger: stored values of rows whose content is blank are
-    -- cleared with a second UPDATE. That re-fires the update trigger, which finds nothing
-    -- left to clear; the EXISTS guard is what ends the recursion there, since a
-    -- statement-level trigger fires even for an UPDATE of no rows. Used for every INSERT
-    -- (an inserted row rarely carries an embedding, and any BEFORE INSERT row trigger costs
-    -- COPY its multi-row insert batching) and, when the content is a generated column, for
-    -- UPDATE too (a BEFORE trigger cannot see it). stale_cond is the per-row test (over alias
-    -- n), clear_update the UPDATE; the bulk-insert path evaluates the test in its one pass.
-    SELECT format('(%s) AND %s(%s)', string_agg(format('n.%I IS NOT NULL', x), ' OR '), blank, expr_n),
-           format('UPDATE %I.%I AS t SET %s FROM new_rows AS n WHERE t.%I = n.%I AND (%s) AND %s(%s);',
-                  nsp, rel, string_agg(format('%I = NULL', x), ', '), idcol, idcol,
-                  string_agg(format('n.%I IS NOT NULL', x), ' OR '), blank, expr_n)
-      INTO stale_cond, clear_update
+    -- Clearing after the fact: stored values of an inserted row whose content is blank (and,
+    -- when the content is a generated column, of an updated one: a BEFORE trigger cannot see
+    -- it) are cleared by a second UPDATE from an AFTER ROW trigger whose WHEN clause picks
+    -- those rows only. A row trigger, not a BEFORE INSERT one, since any BEFORE INSERT row
+    -- trigger costs COPY its multi-row insert batching; and NOT SECURITY DEFINER: that UPDATE
+    -- fires the table owner's own triggers, which must run as the role that wrote the row,
+    -- never as the queue's owner. A role that may not update those columns wrote the stale
+    -- values itself, in this very statement: they are left as written.
+    SELECT string_agg(format('%I = NULL', x), ', '),
+           string_agg(format('has_column_privilege(TG_RELID, %L, %L)', x, 'UPDATE'), ' AND ')
+      INTO clear_update, clear_allowed
       FROM unnest(ARRAY[p_embedding_column, p_model_column, p_generated_at_column]) AS x
      WHERE x IS NOT NULL;
-    clear_after := format('IF EXISTS (SELECT 1 FROM new_rows AS n WHERE %s) THEN %s END IF;',
-                          stale_cond, clear_update);
     -- Re-pending resets everything a claim or an earlier failure left behind; bumping
     -- generation and clearing claim_token is what makes an in-flight claim stale.
     -- A row whose key is NULL (a nullable unique p_id_column) cannot be addressed: skip it.
@@ -405,40 +400,33 @@ BEGIN
             setting text := current_setting('queue_processor.bulk_rows', true);
             bulk_rows bigint := CASE WHEN setting ~ '^[0-9]{1,9}$' THEN setting::bigint
                                      ELSE 1000 END;
-            must_clear boolean;
         BEGIN
             IF bulk_rows > 0 AND (SELECT count(*) FROM (SELECT FROM new_rows LIMIT bulk_rows) AS s)
                                  >= bulk_rows THEN
-                -- One pass over the (large, likely spilled) transition table: the keys, and
-                -- whether any row carries an embedding its blank content makes stale.
+                -- One pass over the (large, likely spilled) transition table: the keys.
                 WITH agg AS (
                     SELECT array_agg(n.%I::text) FILTER (WHERE n.%I IS NOT NULL) AS ids,
-                           count(n.%I) AS total, coalesce(bool_or(%s), false) AS stale
+                           count(n.%I) AS total
                       FROM new_rows AS n
                 ), ins AS (
                     INSERT INTO %I.embedding_queue_inbox
                            (table_name, embedding_column, record_ids, total)
                     SELECT %L, %L, ids, total FROM agg WHERE total > 0
                 )
-                SELECT stale, total INTO must_clear, queued FROM agg;
+                SELECT total INTO queued FROM agg;
                 IF queued > 0 THEN
                     PERFORM pg_notify('embedding_queue', '');
-                END IF;
-                IF must_clear THEN
-                    %s
                 END IF;
             ELSE
                 WITH changed AS (SELECT n.%I AS id, %s AS content FROM new_rows AS n)
                 %s;
                 %s
-                %s
             END IF;
             RETURN NULL;
         END;
         $body$
-        $f$, qs, fn || '_ins', idcol, idcol, idcol, stale_cond, qs, label, p_embedding_column,
-        clear_update, idcol, expr_n,
-        format(upsert, queue, label, p_embedding_column, blank, ''), notify, clear_after);
+        $f$, qs, fn || '_ins', idcol, idcol, idcol, qs, label, p_embedding_column,
+        idcol, expr_n, format(upsert, queue, label, p_embedding_column, blank, ''), notify);
 
     -- Only rows whose content expression changed are queued; a key change counts as a
     -- delete of the old key plus an insert of the new one. Content that became blank
@@ -473,7 +461,6 @@ BEGIN
                  WHERE o.%I IS NULL OR (%s) IS DISTINCT FROM (%s))
             %s;
             %s
-            %s
             RETURN NULL;
         END;
         $body$
@@ -481,7 +468,7 @@ BEGIN
         queue, label, p_embedding_column, idcol, idcol, idcol, idcol, blank, expr_n,
         idcol, expr_n, idcol, idcol, idcol, expr_n, expr_o,
         format(upsert, queue, label, p_embedding_column, blank, E'\n         ORDER BY ch.id'),
-        notify, CASE WHEN generated_content THEN clear_after ELSE '' END);
+        notify);
 
     EXECUTE format(
         $f$
@@ -509,7 +496,7 @@ BEGIN
         $f$, qs, fn || '_trunc', queue, label, p_embedding_column, qs, label, p_embedding_column);
 
     -- Content made blank by an UPDATE clears the now-stale embedding in the row itself (no
-    -- second UPDATE), unless the content is a generated column (see clear_after).
+    -- second UPDATE), unless the content is a generated column (see clear_update).
     EXECUTE format(
         $f$
         CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
@@ -521,15 +508,33 @@ BEGIN
         $body$
         $f$, qs, fn || '_blank', clear_sets);
 
+    -- The second UPDATE of the clearing AFTER ROW trigger (see clear_update), addressed
+    -- through TG_TABLE_SCHEMA/TG_TABLE_NAME so that a renamed table is still found.
+    EXECUTE format(
+        $f$
+        CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+        BEGIN
+            IF %s THEN
+                EXECUTE format(%L, TG_TABLE_SCHEMA, TG_TABLE_NAME) USING NEW.%I;
+            END IF;
+            RETURN NULL;
+        END;
+        $body$
+        $f$, qs, fn || '_clear', clear_allowed,
+        format('UPDATE %%I.%%I SET %s WHERE %s = $1',
+               replace(clear_update, '%', '%%'), replace(quote_ident(idcol), '%', '%%')),
+        idcol);
+
     -- The generated functions are for these triggers only: no role may call them or attach
     -- them to a table of its own (CREATE TRIGGER needs EXECUTE; firing a trigger does not).
-    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank'] LOOP
-        PERFORM embedding_queue_make_private(format('%I.%I()', qs, fn || part)::regprocedure);
+    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank', '_clear'] LOOP
+        PERFORM @qs@.embedding_queue_make_private(format('%I.%I()', qs, fn || part)::regprocedure);
     END LOOP;
 
     -- Replace the triggers (checking the catalog rather than DROP TRIGGER IF EXISTS, whose
     -- notices would clutter the output of users' migrations).
-    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank'] LOOP
+    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank', '_clear'] LOOP
         IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = fn || part) THEN
             EXECUTE format('DROP TRIGGER %I ON %s', fn || part, p_table);
         END IF;
@@ -553,10 +558,16 @@ BEGIN
             'CREATE TRIGGER %I BEFORE UPDATE ON %s FOR EACH ROW '
             'WHEN ((%s) AND %s(%s)) EXECUTE FUNCTION %I.%I()',
             fn || '_blank', p_table, stored_cols, blank,
-            embedding_queue_content_sql(cols, p_template, 'new'), qs, fn || '_blank');
+            @qs@.embedding_queue_content_sql(cols, p_template, 'new'), qs, fn || '_blank');
     END IF;
+    EXECUTE format(
+        'CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW '
+        'WHEN ((%s) AND %s(%s)) EXECUTE FUNCTION %I.%I()',
+        fn || '_clear', CASE WHEN generated_content THEN 'INSERT OR UPDATE' ELSE 'INSERT' END,
+        p_table, stored_cols, blank,
+        @qs@.embedding_queue_content_sql(cols, p_template, 'new'), qs, fn || '_clear');
 
-    INSERT INTO embedding_targets AS t (
+    INSERT INTO @qs@.embedding_targets AS t (
         table_name, embedding_column, schema_name, relation_name, id_column, id_type,
         content_columns, content_template, column_type, dimensions, model, model_column,
         generated_at_column, trigger_suffix)
@@ -571,7 +582,7 @@ BEGIN
            generated_at_column = EXCLUDED.generated_at_column, updated_at = now();
 
     IF p_backfill <> 'none' THEN
-        PERFORM embedding_queue_backfill(label, p_embedding_column, p_backfill);
+        PERFORM @qs@.embedding_queue_backfill(label, p_embedding_column, p_backfill);
     END IF;
     RETURN label;
 END;
@@ -580,61 +591,59 @@ $$;
 -- Remove a target: its triggers, generated functions, registry row and queue rows.
 -- Dropping each generated function with CASCADE drops the triggers that call it wherever
 -- they are, even if the table was renamed or moved to another schema since registration.
-CREATE OR REPLACE FUNCTION embedding_unregister_target(p_table_name text, p_embedding_column text)
+CREATE OR REPLACE FUNCTION @qs@.embedding_unregister_target(p_table_name text, p_embedding_column text)
 RETURNS boolean
 LANGUAGE plpgsql
-SET search_path FROM CURRENT
+SET search_path = pg_catalog, pg_temp
 -- DROP ... CASCADE reports each trigger it drops as a NOTICE; keep users' migrations quiet.
 SET client_min_messages = warning AS $$
 DECLARE
-    t embedding_targets;
+    t @qs@.embedding_targets;
     fn text;
     part text;
-    qs text := embedding_queue_nsp();
+    qs text := @qs@.embedding_queue_nsp();
 BEGIN
-    SELECT * INTO t FROM embedding_targets
+    SELECT * INTO t FROM @qs@.embedding_targets
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     fn := 'embedding_queue_t' || t.trigger_suffix;
-    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank'] LOOP
+    FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank', '_clear'] LOOP
         EXECUTE format('DROP FUNCTION IF EXISTS %I.%I() CASCADE', qs, fn || part);
     END LOOP;
-    DELETE FROM embedding_queue
+    DELETE FROM @qs@.embedding_queue
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
-    DELETE FROM embedding_queue_inbox
+    DELETE FROM @qs@.embedding_queue_inbox
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
-    DELETE FROM embedding_targets
+    DELETE FROM @qs@.embedding_targets
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
     -- What grant-worker gave worker roles on this target goes with it: UPDATE of its columns,
     -- and SELECT of the key unless another target of the same table still reads it.
-    PERFORM embedding_revoke_target_grants(t);
+    PERFORM @qs@.embedding_revoke_target_grants(t);
     RETURN true;
 END;
 $$;
 
 -- The roles grant-worker has made workers: those named by a worker policy on the queue
--- (embedding_grant_worker), and those an earlier version granted UPDATE on the whole queue.
-CREATE OR REPLACE FUNCTION embedding_worker_roles() RETURNS SETOF regrole
+-- (embedding_grant_worker creates one per role; 0006_lockdown gave one to each role the
+-- previous version's grant-worker had granted).
+CREATE OR REPLACE FUNCTION @qs@.embedding_worker_roles() RETURNS SETOF regrole
 LANGUAGE sql STABLE
-SET search_path FROM CURRENT
+SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT r.oid::regrole
       FROM pg_roles AS r
      WHERE r.oid IN (SELECT unnest(p.polroles) FROM pg_policy AS p
-                      WHERE p.polrelid = 'embedding_queue'::regclass
+                      WHERE p.polrelid = '@qs@.embedding_queue'::regclass
                         AND p.polname LIKE 'embedding\_worker\_%')
-        OR r.oid IN (SELECT a.grantee FROM pg_class AS c, aclexplode(c.relacl) AS a
-                      WHERE c.oid = 'embedding_queue'::regclass AND a.privilege_type = 'UPDATE'
-                        AND a.grantee <> c.relowner)
      ORDER BY r.rolname;
 END;
 
 -- Take back from every worker role what grant-worker granted it on target t's table.
-CREATE OR REPLACE FUNCTION embedding_revoke_target_grants(t embedding_targets) RETURNS void
+CREATE OR REPLACE FUNCTION @qs@.embedding_revoke_target_grants(t @qs@.embedding_targets) RETURNS void
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r regrole;
     rel text := format('%I.%I', t.schema_name, t.relation_name);
@@ -642,12 +651,12 @@ BEGIN
     IF to_regclass(rel) IS NULL THEN
         RETURN;  -- the table is gone, and its privileges with it
     END IF;
-    FOR r IN SELECT embedding_worker_roles() LOOP
+    FOR r IN SELECT @qs@.embedding_worker_roles() LOOP
         EXECUTE format('REVOKE UPDATE (%s) ON %s FROM %s',
                        concat_ws(', ', quote_ident(t.embedding_column),
                                  quote_ident(t.model_column), quote_ident(t.generated_at_column)),
                        rel, r);
-        IF NOT EXISTS (SELECT 1 FROM embedding_targets AS o
+        IF NOT EXISTS (SELECT 1 FROM @qs@.embedding_targets AS o
                         WHERE (o.schema_name, o.relation_name) = (t.schema_name, t.relation_name)
                           AND o.id_column = t.id_column) THEN
             EXECUTE format('REVOKE SELECT (%I) ON %s FROM %s', t.id_column, rel, r);
@@ -660,15 +669,15 @@ $$;
 -- (migrate calls this whenever these files change, so a database registered by an earlier
 -- version runs the current trigger code). A target whose table has been dropped is skipped
 -- with a warning. Returns how many targets were regenerated.
-CREATE OR REPLACE FUNCTION embedding_regenerate_targets() RETURNS integer
+CREATE OR REPLACE FUNCTION @qs@.embedding_regenerate_targets() RETURNS integer
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t embedding_targets;
+    t @qs@.embedding_targets;
     rel regclass;
     n integer := 0;
 BEGIN
-    FOR t IN SELECT * FROM embedding_targets ORDER BY table_name, embedding_column LOOP
+    FOR t IN SELECT * FROM @qs@.embedding_targets ORDER BY table_name, embedding_column LOOP
         rel := to_regclass(format('%I.%I', t.schema_name, t.relation_name));
         IF rel IS NULL THEN
             RAISE WARNING 'registered target %.% has no table %.% any more; unregister it',
@@ -676,7 +685,7 @@ BEGIN
                 quote_ident(t.schema_name), quote_ident(t.relation_name);
             CONTINUE;
         END IF;
-        PERFORM embedding_register_target(
+        PERFORM @qs@.embedding_register_target(
             rel, t.embedding_column,
             p_content_columns => CASE WHEN t.content_template IS NULL THEN t.content_columns END,
             p_template => t.content_template, p_id_column => t.id_column, p_model => t.model,

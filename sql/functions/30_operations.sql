@@ -16,12 +16,12 @@
 -- (named embedding_worker_<hash of the role>): a role that merely inherited default
 -- privileges has none and sees no row. An earlier version granted UPDATE on the whole queue:
 -- that is taken back here.
-CREATE OR REPLACE FUNCTION embedding_grant_worker(p_role name) RETURNS integer
+CREATE OR REPLACE FUNCTION @qs@.embedding_grant_worker(p_role name) RETURNS integer
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t embedding_targets;
-    qs text := embedding_queue_nsp();
+    t @qs@.embedding_targets;
+    qs text := @qs@.embedding_queue_nsp();
     role text := quote_ident(p_role);
     policy text := 'embedding_worker_' || left(md5(p_role), 16);
     tbl text;
@@ -31,7 +31,9 @@ BEGIN
         RAISE EXCEPTION 'role % does not exist', role USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %s', qs, role);
-    EXECUTE format('REVOKE UPDATE ON %I.embedding_queue FROM %s', qs, role);
+    -- From scratch: whatever the role held on the queue (e.g. UPDATE of every column, as an
+    -- earlier version granted) is replaced by exactly what follows.
+    EXECUTE format('REVOKE ALL ON %I.embedding_queue FROM %s', qs, role);
     EXECUTE format('GRANT SELECT ON %I.embedding_queue TO %s', qs, role);
     EXECUTE format('GRANT UPDATE (status, error_message, attempts, next_attempt_at, claimed_by, '
                    'claim_token, lease_expires_at, detail, updated_at, processed_at) '
@@ -57,7 +59,7 @@ BEGIN
                            policy, qs, tbl, role);
         END IF;
     END LOOP;
-    FOR t IN SELECT * FROM embedding_targets LOOP
+    FOR t IN SELECT * FROM @qs@.embedding_targets LOOP
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO %s', t.schema_name, role);
         EXECUTE format('GRANT SELECT (%I) ON %I.%I TO %s',
                        t.id_column, t.schema_name, t.relation_name, role);
@@ -73,15 +75,15 @@ $$;
 
 -- What a backfill of a target would send: rows and estimated tokens (4 bytes per token, as
 -- the providers estimate), without queueing anything. p_mode: 'missing' or 'all'.
-CREATE OR REPLACE FUNCTION embedding_queue_estimate(
+CREATE OR REPLACE FUNCTION @qs@.embedding_queue_estimate(
     p_table_name text, p_embedding_column text, p_mode text DEFAULT 'missing',
     OUT items bigint, OUT tokens bigint)
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t embedding_targets;
+    t @qs@.embedding_targets;
 BEGIN
-    t := embedding_target(p_table_name, p_embedding_column);
+    t := @qs@.embedding_target(p_table_name, p_embedding_column);
     IF p_mode NOT IN ('missing', 'all') THEN
         RAISE EXCEPTION 'estimate mode must be missing or all, not %', quote_literal(p_mode);
     END IF;
@@ -89,28 +91,59 @@ BEGIN
         $q$
         SELECT count(*), coalesce(sum(greatest(1, ceil(octet_length(c.content) / 4.0))), 0)
           FROM %I.%I AS r CROSS JOIN LATERAL (SELECT %s AS content) AS c
-         WHERE %s AND NOT embedding_queue_is_blank(c.content)
+         WHERE %s AND NOT @qs@.embedding_queue_is_blank(c.content)
         $q$,
         t.schema_name, t.relation_name,
-        embedding_queue_content_sql(t.content_columns, t.content_template, 'r'),
+        @qs@.embedding_queue_content_sql(t.content_columns, t.content_template, 'r'),
         CASE p_mode WHEN 'missing' THEN format('r.%I IS NULL', t.embedding_column) ELSE 'true' END)
     INTO items, tokens;
 END;
 $$;
 
--- After `migrate` has (re)applied these files: regenerate every target's triggers with the
--- current generator, and re-grant every worker role under the current grant rules (an upgrade
--- from a version that granted UPDATE on the whole queue narrows it to the lease columns).
-CREATE OR REPLACE FUNCTION embedding_refresh_installed(OUT targets integer, OUT workers integer)
+-- After `migrate` has applied migrations or (re)applied these files:
+-- 1. regenerate every target's triggers with the current generator;
+-- 2. take every privilege on our tables, views and functions from every role but the owner
+--    and the worker roles. Default privileges (e.g. Supabase's `GRANT ALL ON TABLES/FUNCTIONS
+--    TO anon, authenticated`) give new tables' TRUNCATE, TRIGGER and REFERENCES to roles that
+--    row-level security does not stop, and EXECUTE on new functions to them (RPC); and
+--    PostgreSQL gives EXECUTE on every new function to PUBLIC. embedding_queue_is_blank keeps
+--    PUBLIC's EXECUTE: the blank-content triggers' WHEN clauses call it as whichever role
+--    writes a registered table, and it is a pure function of its argument. Registering a
+--    table from another role than the owner needs EXECUTE granted by the owner;
+-- 3. re-grant every worker role under the current rules (an upgrade from a version that
+--    granted UPDATE on the whole queue narrows it to the lease columns).
+CREATE OR REPLACE FUNCTION @qs@.embedding_refresh_installed(OUT targets integer, OUT workers integer)
 LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    ns oid := (SELECT relnamespace FROM pg_class WHERE oid = '@qs@.embedding_queue'::regclass);
     r regrole;
+    object text;
+    grantee text;
 BEGIN
-    targets := embedding_regenerate_targets();
+    targets := @qs@.embedding_regenerate_targets();
+    FOR object, grantee IN
+        SELECT DISTINCT 'TABLE ' || c.oid::regclass::text,
+                        CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
+          FROM pg_class AS c, aclexplode(c.relacl) AS a
+         WHERE c.relnamespace = ns AND c.relkind IN ('r', 'p', 'v')
+           AND (c.relname LIKE 'embedding\_%' OR c.relname LIKE 'queue\_processor\_%')
+           AND a.grantee <> c.relowner
+           AND a.grantee NOT IN (SELECT @qs@.embedding_worker_roles())
+        UNION
+        SELECT DISTINCT 'FUNCTION ' || p.oid::regprocedure::text,
+                        CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
+          FROM pg_proc AS p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
+         WHERE p.pronamespace = ns
+           AND (p.proname LIKE 'embedding\_%' OR p.proname LIKE 'queue\_processor\_%')
+           AND a.grantee <> p.proowner
+           AND NOT (a.grantee = 0 AND p.oid = '@qs@.embedding_queue_is_blank(text)'::regprocedure)
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s FROM %s', object, grantee);
+    END LOOP;
     workers := 0;
-    FOR r IN SELECT embedding_worker_roles() LOOP
-        PERFORM embedding_grant_worker((SELECT rolname FROM pg_roles WHERE oid = r::oid));
+    FOR r IN SELECT @qs@.embedding_worker_roles() LOOP
+        PERFORM @qs@.embedding_grant_worker((SELECT rolname FROM pg_roles WHERE oid = r::oid));
         workers := workers + 1;
     END LOOP;
 END;

@@ -39,3 +39,28 @@ BEGIN
     END LOOP;
 END;
 $$;
+
+-- The previous version's grant-worker gave a worker role SELECT and UPDATE on the whole
+-- queue, and nothing else on it. Each such role gets its worker policy here, which is how
+-- `migrate` then recognises it (embedding_worker_roles), narrows its grants and keeps it
+-- working under row-level security. A role holding more than that on the queue (INSERT,
+-- DELETE, TRUNCATE..., as default privileges give) is not one of our workers: it keeps no
+-- privilege on our tables.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT pg_get_userbyid(a.grantee) AS name
+          FROM pg_class AS c, aclexplode(c.relacl) AS a
+         WHERE c.oid = 'embedding_queue'::regclass AND a.grantee NOT IN (0, c.relowner)
+         GROUP BY a.grantee
+        HAVING bool_or(a.privilege_type = 'UPDATE')
+           AND NOT bool_or(a.privilege_type IN ('INSERT', 'DELETE', 'TRUNCATE', 'TRIGGER',
+                                                'REFERENCES'))
+    LOOP
+        EXECUTE format('CREATE POLICY %I ON embedding_queue TO %I USING (true) WITH CHECK (true)',
+                       'embedding_worker_' || left(md5(r.name), 16), r.name);
+    END LOOP;
+END;
+$$;

@@ -871,7 +871,7 @@ async def _explain_search(dsn: str, query: np.ndarray, k: int) -> str:
         async with db.connection() as conn:
             vtype = await db.fetch_one(
                 conn,
-                db_statement("vector_type"),
+                db_statement("vector_type", qs="public"),
                 {"schema": "public", "table": "docs", "column": "embedding"},
             )
             assert vtype is not None

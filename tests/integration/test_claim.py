@@ -12,7 +12,7 @@ from psycopg import ClientCursor
 
 from queue_processor import queue
 from queue_processor.db import Database, statement
-from queue_processor.models import QueueId
+from queue_processor.models import MAX_CLAIM_BYTES, MAX_CONTENT_CHARS, QueueId
 from tests.support.helpers import connect, execute, make_docs, queue_rows, status_counts
 
 pytestmark = pytest.mark.anyio
@@ -83,9 +83,11 @@ async def test_skip_locked_second_claim_skips_rows_locked_by_an_open_claim(
         "token": uuid.uuid4(),
         "lease_seconds": 300.0,
         "max_attempts": 3,
+        "max_content_chars": MAX_CONTENT_CHARS,
+        "max_claim_bytes": MAX_CLAIM_BYTES,
     }
     async with await psycopg.AsyncConnection.connect(dsn) as held:
-        cur = await held.execute(statement("claim_batch"), params)
+        cur = await held.execute(statement("claim_batch", qs="public"), params)
         first = {int(r[0]) for r in await cur.fetchall()}
         with anyio.fail_after(10):
             second = await claim(db, owner="fast", limit=10)
@@ -236,9 +238,11 @@ async def test_claim_uses_the_pending_index_not_a_table_scan(dsn: str, db: Datab
         "token": uuid.uuid4(),
         "lease_seconds": 300.0,
         "max_attempts": 3,
+        "max_content_chars": MAX_CONTENT_CHARS,
+        "max_claim_bytes": MAX_CLAIM_BYTES,
     }
     with connect(dsn) as conn:
-        rendered = ClientCursor(conn).mogrify(statement("claim_batch"), params)
+        rendered = ClientCursor(conn).mogrify(statement("claim_batch", qs="public"), params)
         row = conn.execute("EXPLAIN (FORMAT JSON) " + rendered).fetchone()
     assert row is not None
     plan = next(iter(row.values()))[0]["Plan"]

@@ -533,13 +533,13 @@ def test_reregistration_replaces_triggers(films: Conn) -> None:
     register(films, "films", "embedding", p_content_columns=["title"])
     first = films.execute("SELECT trigger_suffix FROM embedding_targets").fetchone()
     film = insert_film(films, title="Alien", genre="horror")
-    assert enqueue_trigger_count(films, "films") == 5
+    assert enqueue_trigger_count(films, "films") == 6
 
     # Same target, new content definition: the old triggers are replaced, not doubled.
     label = register(films, "films", "embedding", p_content_columns=["title", "genre"])
     assert label == "films"
-    assert enqueue_trigger_count(films, "films") == 5
-    assert generated_function_count(films) == 5
+    assert enqueue_trigger_count(films, "films") == 6
+    assert generated_function_count(films) == 6
     assert films.execute("SELECT trigger_suffix FROM embedding_targets").fetchone() == first
 
     films.execute("UPDATE films SET genre = 'sci-fi' WHERE id = %s", (film,))
@@ -565,7 +565,7 @@ def test_unregister_drops_triggers_functions_and_queue_rows(films: Conn) -> None
     ).fetchone()
     assert removed == {"removed": True}
     assert enqueue_trigger_count(films, "films") == 0
-    assert generated_function_count(films) == 5  # only the other target's
+    assert generated_function_count(films) == 6  # only the other target's
     assert [r["table_name"] for r in queue_rows(films)] == ["other"]
     assert [r["table_name"] for r in films.execute("SELECT table_name FROM embedding_targets")] == [
         "other"

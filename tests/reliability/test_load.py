@@ -19,6 +19,7 @@ import pytest
 from psycopg import ClientCursor
 
 from queue_processor.db import statement
+from queue_processor.models import MAX_CLAIM_BYTES, MAX_CONTENT_CHARS
 from tests.reliability.harness import (
     ChaosServer,
     Workers,
@@ -43,9 +44,11 @@ def claim_plan(dsn: str) -> dict[str, Any]:
         "token": uuid.uuid4(),
         "lease_seconds": 300.0,
         "max_attempts": 3,
+        "max_content_chars": MAX_CONTENT_CHARS,
+        "max_claim_bytes": MAX_CLAIM_BYTES,
     }
     with connect(dsn) as conn:
-        rendered = ClientCursor(conn).mogrify(statement("claim_batch"), params)
+        rendered = ClientCursor(conn).mogrify(statement("claim_batch", qs="public"), params)
         row = conn.execute("EXPLAIN (FORMAT JSON) " + rendered).fetchone()  # type: ignore[arg-type]
     assert row is not None
     plan: dict[str, Any] = next(iter(row.values()))[0]["Plan"]

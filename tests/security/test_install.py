@@ -1,0 +1,145 @@
+"""Installing and upgrading keep the database surface locked (issue 11).
+
+- ``migrate`` refuses a queue schema in which PUBLIC may CREATE (PostgreSQL 14 and older
+  grant that on ``public`` by default), unless explicitly overridden, and then warns;
+- a database installed by the previous version (migrations 0001-0005, their functions, a
+  target registered and a worker role granted by the old ``grant-worker``) upgrades in place:
+  its generated trigger functions lose PUBLIC's EXECUTE, the old worker role is narrowed to
+  the lease columns (no ``content``) and keeps working, under row-level security;
+- ``register`` never resolves a bare table name to a temporary table.
+Run on PostgreSQL 18 (embedded) and 15 (the machine's), with real roles and logins.
+"""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import psycopg
+import pytest
+from psycopg import errors, sql
+from psycopg.rows import dict_row
+from structlog.testing import capture_logs
+
+from queue_processor import queue
+from queue_processor.db import Database
+from queue_processor.errors import ConfigurationError
+from queue_processor.migrations import _VERSION_TABLE, check_schema, load_migrations, migrate
+from queue_processor.worker import Worker
+from tests.security.conftest import Roles, Server
+from tests.support.fake_openai import FakeOpenAIServer, fake_vector
+from tests.support.helpers import make_provider, worker_config
+
+pytestmark = pytest.mark.anyio
+
+DIMS = 4
+
+
+def sql_exec(dsn: str, query: str, params: object = None) -> list[dict[str, object]]:
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+async def test_migrate_refuses_a_schema_every_role_may_create_in(
+    server: Server, empty_db: str
+) -> None:
+    sql_exec(empty_db, "GRANT CREATE ON SCHEMA public TO PUBLIC")
+    async with Database(empty_db) as db:
+        with pytest.raises(ConfigurationError, match=r"may CREATE in schema 'public' \(PUBLIC\)"):
+            await migrate(db)
+    assert sql_exec(empty_db, "SELECT to_regclass('embedding_queue') AS q") == [{"q": None}]
+
+    async with Database(empty_db) as db:
+        with capture_logs() as logs:
+            await migrate(db, allow_unsafe_schema=True)
+        await check_schema(db)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["unsafe_schema"]
+
+
+async def _install_previous_version(dsn: str) -> None:
+    """Migrations 0001-0005 exactly as the previous version applied them."""
+    async with Database(dsn) as db, db.connection(autocommit=True) as conn:
+        await db.execute_script(conn, _VERSION_TABLE)
+        for m in load_migrations():
+            if m.version <= 5:
+                await db.apply_migration(conn, m.version, m.name, m.sql)
+
+
+async def test_a_database_of_the_previous_version_upgrades_locked_down(
+    server: Server, empty_db: str, roles: Roles
+) -> None:
+    await _install_previous_version(empty_db)
+    worker = roles.create("oldworker")
+    sql_exec(
+        empty_db,
+        "CREATE TABLE docs (id int PRIMARY KEY, body text, embedding real[]);"
+        "INSERT INTO docs SELECT i, 'old text ' || i FROM generate_series(1, 5) AS i",
+    )
+    sql_exec(
+        empty_db,
+        "SELECT embedding_register_target('docs', 'embedding', ARRAY['body'], "
+        "p_backfill => 'missing')",
+    )
+    sql_exec(empty_db, "SELECT embedding_grant_worker(%s)", (worker,))
+    ins = sql_exec(
+        empty_db,
+        "SELECT p.oid::regprocedure::text AS fn FROM pg_proc p "
+        "WHERE p.proname LIKE 'embedding\\_queue\\_t%%\\_ins'",
+    )[0]["fn"]
+    before = sql_exec(
+        empty_db,
+        "SELECT has_function_privilege('public', %s, 'EXECUTE') AS public_exec,"
+        " has_column_privilege(%s, 'embedding_queue', 'content', 'UPDATE') AS content",
+        (ins, worker),
+    )
+    # The holes of the previous version, as installed.
+    assert before == [{"public_exec": True, "content": True}]
+
+    async with Database(empty_db) as db:
+        assert await migrate(db) == [m.version for m in load_migrations() if m.version > 5]
+        await check_schema(db)
+
+    after = sql_exec(
+        empty_db,
+        "SELECT has_function_privilege('public', %s, 'EXECUTE') AS public_exec,"
+        " has_column_privilege(%s, 'embedding_queue', 'content', 'UPDATE') AS content,"
+        " has_column_privilege(%s, 'embedding_queue', 'status', 'UPDATE') AS status",
+        (ins, worker, worker),
+    )
+    assert after == [{"public_exec": False, "content": False, "status": True}]
+    with roles.login(empty_db, worker) as conn:
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("UPDATE embedding_queue SET content = 'forged'")
+        # Row-level security is on, and the upgrade gave the old worker its policy.
+        assert conn.execute("SELECT count(*) AS n FROM embedding_queue").fetchone() == {"n": 5}
+
+    # The old worker role drains the queue as before.
+    with FakeOpenAIServer(dims=DIMS) as fake:
+        async with Database(roles.dsn(empty_db, worker)) as db, make_provider(fake) as provider:
+            with anyio.fail_after(60):
+                summary = await Worker(db, provider, worker_config()).run("drain")
+    assert summary.processed == 5
+    rows = sql_exec(empty_db, "SELECT id, body, embedding FROM docs ORDER BY id")
+    for row in rows:
+        np.testing.assert_allclose(
+            np.asarray(row["embedding"], dtype=np.float32), fake_vector(str(row["body"]), DIMS)
+        )
+
+
+async def test_register_never_takes_a_temporary_table_for_the_users_table(
+    server: Server,
+) -> None:
+    sql_exec(server.dsn, "CREATE TABLE docs (id int PRIMARY KEY, body text, embedding real[])")
+    async with Database(server.dsn, max_size=1) as db:
+        async with db.connection(autocommit=True) as conn:
+            # A temporary table of the same name in the very session that registers.
+            await conn.execute(
+                sql.SQL("CREATE TEMP TABLE docs (id int PRIMARY KEY, body text, embedding real[])")
+            )
+        label = await queue.register_target(db, "docs", "embedding", content_columns=["body"])
+    assert label == "docs"
+    assert sql_exec(
+        server.dsn, "SELECT schema_name FROM embedding_targets WHERE table_name = 'docs'"
+    ) == [{"schema_name": "public"}]
+    sql_exec(server.dsn, "INSERT INTO docs VALUES (1, 'real row')")
+    assert sql_exec(server.dsn, "SELECT record_id FROM embedding_queue") == [{"record_id": "1"}]
