@@ -206,6 +206,9 @@ class Database:
         # overload planted in public, or even in the queue schema) can win a name lookup,
         # and temporary tables come last.
         self.search_path = "pg_catalog, pg_temp"
+        # The search_path the database and role give sessions (read when a connection is
+        # configured): the write transaction runs with it, for the users' own triggers.
+        self.user_search_path = "pg_catalog, pg_temp"
         self._dsn = dsn
         self._application_name = application_name
         self._connect_timeout_seconds = connect_timeout_seconds
@@ -231,7 +234,10 @@ class Database:
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         conn.adapters.register_dumper(np.ndarray, Float4ArrayDumper)
-        await conn.execute(self.statement("set_search_path"), {"path": self.search_path})
+        cur = await conn.execute(self.statement("set_search_path"), {"path": self.search_path})
+        found_path = await cur.fetchone()
+        if found_path is not None:
+            self.user_search_path = str(found_path[0])
         # pgvector's type oids differ per database (and it may be absent: then no target
         # can be a vector column).
         cur = await conn.execute(self.statement("vector_type_oids"))

@@ -11,8 +11,9 @@ SELECT pg_advisory_lock(hashtextextended(%(key)s, 0));
 SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0));
 
 -- name: set_search_path
--- The session's search_path (db.py): pg_catalog, the queue schema, pg_temp last.
-SELECT set_config('search_path', %(path)s::text, false);
+-- Set the session's search_path (db.py: pg_catalog, pg_temp); return the one it replaced.
+SELECT current_setting('search_path') AS replaced,
+       set_config('search_path', %(path)s::text, false) AS path;
 
 -- name: set_local_search_path
 -- The search_path for the rest of this transaction only (migrations: see db.py).
@@ -176,8 +177,12 @@ UPDATE {qs}.embedding_queue
 
 -- name: mark_worker_write
 -- Tell the targets' update triggers that this transaction only writes vectors (no content
--- changes), so they skip their work; transaction-local.
-SELECT set_config('queue_processor.worker_write', 'on', true);
+-- changes), so they skip their work; and give it the search_path the database gives its
+-- sessions (db.py: user_search_path), since the users' own triggers on their tables fire on
+-- our writes and may rely on it. Both transaction-local. Every statement of the write names
+-- its functions with pg_catalog, so nothing on that path can stand in for them.
+SELECT pg_catalog.set_config('queue_processor.worker_write', 'on', true),
+       pg_catalog.set_config('search_path', %(search_path)s::text, true);
 
 -- name: lock_source_rows
 -- Lock the source rows a batch will write, in key order, before touching the queue rows:
@@ -207,7 +212,8 @@ UPDATE {schema}.{table} AS t
    SET {column} = {value}{companions}
   FROM (SELECT k.id, k.qid,
                (%(vectors)b::real[])[(k.ord - 1) * %(dims)s + 1 : k.ord * %(dims)s] AS vec
-          FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[]) WITH ORDINALITY AS k(id, qid, ord)
+          FROM ROWS FROM (pg_catalog.unnest(%(ids)s::{id_type}[]),
+                          pg_catalog.unnest(%(qids)s::bigint[])) WITH ORDINALITY AS k(id, qid, ord)
        ) AS v
  WHERE t.{id_column} = v.id
    AND EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
@@ -219,7 +225,8 @@ RETURNING v.qid;
 -- batch's vectors in pgvector's own format; halfvec columns take them by pgvector's cast).
 UPDATE {schema}.{table} AS t
    SET {column} = v.vec{companions}
-  FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[], %(vectors)b) AS v(id, qid, vec)
+  FROM ROWS FROM (pg_catalog.unnest(%(ids)s::{id_type}[]), pg_catalog.unnest(%(qids)s::bigint[]),
+                 pg_catalog.unnest(%(vectors)b)) AS v(id, qid, vec)
  WHERE t.{id_column} = v.id
    AND EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
@@ -229,7 +236,8 @@ RETURNING v.qid;
 -- As write_vectors, for bytea targets: each vector arrives as little-endian float32 bytes.
 UPDATE {schema}.{table} AS t
    SET {column} = v.blob{companions}
-  FROM unnest(%(ids)s::{id_type}[], %(qids)s::bigint[], %(blobs)s::bytea[]) AS v(id, qid, blob)
+  FROM ROWS FROM (pg_catalog.unnest(%(ids)s::{id_type}[]), pg_catalog.unnest(%(qids)s::bigint[]),
+                 pg_catalog.unnest(%(blobs)s::bytea[])) AS v(id, qid, blob)
  WHERE t.{id_column} = v.id
    AND EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
@@ -244,7 +252,8 @@ WITH written AS (
     {write}
 )
 UPDATE {qs}.embedding_queue AS q
-   SET status = 'done', processed_at = now(), updated_at = now(), error_message = NULL,
+   SET status = 'done', processed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
+       error_message = NULL,
        claim_token = NULL, lease_expires_at = NULL,
        detail = CASE WHEN q.id IN (SELECT w.qid FROM written AS w) THEN NULL
                      ELSE 'source row not found; nothing written' END
@@ -254,9 +263,11 @@ RETURNING q.id, q.detail IS NOT NULL AS missing;
 -- name: fail_items
 -- Permanent failures: each item ends failed with its own message.
 UPDATE {qs}.embedding_queue AS q
-   SET status = 'failed', error_message = f.message, processed_at = now(), updated_at = now(),
+   SET status = 'failed', error_message = f.message, processed_at = pg_catalog.now(),
+       updated_at = pg_catalog.now(),
        claim_token = NULL, lease_expires_at = NULL
-  FROM unnest(%(ids)s::bigint[], %(messages)s::text[]) AS f(id, message)
+  FROM ROWS FROM (pg_catalog.unnest(%(ids)s::bigint[]),
+                 pg_catalog.unnest(%(messages)s::text[])) AS f(id, message)
  WHERE q.id = f.id AND q.status = 'processing' AND q.claim_token = %(token)s
 RETURNING q.id;
 
@@ -374,7 +385,7 @@ SELECT n.nspname AS type_schema, t.typname AS type_name
 -- name: search_nearest
 -- The k rows nearest to the query vector by cosine distance; ORDER BY the <=> operator on
 -- the column itself so an HNSW (vector_cosine_ops) index serves it.
-SELECT t.{id_column}::text AS id, left({content}, 160) AS content,
+SELECT t.{id_column}::text AS id, pg_catalog.left({content}, 160) AS content,
        t.{column} {distance} %(query)b::real[]::{vtype} AS distance
   FROM {schema}.{table} AS t
  WHERE t.{column} IS NOT NULL

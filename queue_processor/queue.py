@@ -298,7 +298,9 @@ async def complete(
     # queue rows still claimed under our token (the enqueue triggers' lock order), so nobody
     # can take a claim over between the check and the write. Each write re-checks the claim
     # in SQL, so items that are no longer ours are neither written nor acknowledged.
-    steps: list[tuple[Query, Params | None]] = [(db.statement("mark_worker_write"), None)]
+    steps: list[tuple[Query, Params | None]] = [
+        (db.statement("mark_worker_write"), {"search_path": db.user_search_path})
+    ]
     steps += [
         (targets.lock_statement(group[0].target), {"ids": [w.key for w in group]})
         for group in groups

@@ -73,7 +73,7 @@ def _value_expr(column_type: ColumnType) -> sql.SQL:
         case "vector" | "halfvec" | "real[]" | "double precision[]":
             return sql.SQL("v.vec")
         case "jsonb":
-            return sql.SQL("to_jsonb(v.vec)")
+            return sql.SQL("pg_catalog.to_jsonb(v.vec)")
         case "bytea":
             return sql.SQL("v.blob")
         case _:
@@ -85,7 +85,9 @@ def _companions(target: Target) -> sql.Composable:
     if target.model_column:
         parts.append(sql.SQL(", {} = %(model)s").format(sql.Identifier(target.model_column)))
     if target.generated_at_column:
-        parts.append(sql.SQL(", {} = now()").format(sql.Identifier(target.generated_at_column)))
+        parts.append(
+            sql.SQL(", {} = pg_catalog.now()").format(sql.Identifier(target.generated_at_column))
+        )
     return sql.Composed(parts)
 
 
@@ -130,7 +132,7 @@ def vector_bytes(vec: np.ndarray) -> bytes:
 
 def search_statement(target: Target, type_schema: str, type_name: str) -> sql.Composed | sql.SQL:
     """Nearest rows by cosine distance; the content preview joins the content columns."""
-    content = sql.SQL("concat_ws(' | ', {})").format(
+    content = sql.SQL("pg_catalog.concat_ws(' | ', {})").format(
         sql.SQL(", ").join(
             sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in target.content_columns
         )

@@ -349,7 +349,8 @@ BEGIN
     -- never as the queue's owner. A role that may not update those columns wrote the stale
     -- values itself, in this very statement: they are left as written.
     SELECT string_agg(format('%I = NULL', x), ', '),
-           string_agg(format('has_column_privilege(TG_RELID, %L, %L)', x, 'UPDATE'), ' AND ')
+           string_agg(format('pg_catalog.has_column_privilege(TG_RELID, %L, %L)', x, 'UPDATE'),
+                      ' AND ')
       INTO clear_update, clear_allowed
       FROM unnest(ARRAY[p_embedding_column, p_model_column, p_generated_at_column]) AS x
      WHERE x IS NOT NULL;
@@ -509,14 +510,16 @@ BEGIN
         $f$, qs, fn || '_blank', clear_sets);
 
     -- The second UPDATE of the clearing AFTER ROW trigger (see clear_update), addressed
-    -- through TG_TABLE_SCHEMA/TG_TABLE_NAME so that a renamed table is still found.
+    -- through TG_TABLE_SCHEMA/TG_TABLE_NAME so that a renamed table is still found. No SET
+    -- search_path: the table owner's triggers that this UPDATE fires see the writer's own
+    -- session, as they would for the writer's own UPDATE; built-ins are named with pg_catalog.
     EXECUTE format(
         $f$
         CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
-        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+        LANGUAGE plpgsql AS $body$
         BEGIN
             IF %s THEN
-                EXECUTE format(%L, TG_TABLE_SCHEMA, TG_TABLE_NAME) USING NEW.%I;
+                EXECUTE pg_catalog.format(%L, TG_TABLE_SCHEMA, TG_TABLE_NAME) USING NEW.%I;
             END IF;
             RETURN NULL;
         END;

@@ -81,7 +81,9 @@ def test_run_drain_prints_the_summary_and_exits_0(dsn: str, server: FakeOpenAISe
     assert len(started) == 1
     assert started[0]["mode"] == "drain"
     assert started[0]["batch_size"] == 10
-    assert [e["items"] for e in events if e["event"] == "batch_done"] == [10, 10, 5]
+    # Two batches are in flight at the default concurrency, so they may finish in any order:
+    # what holds is the batches' sizes.
+    assert sorted(e["items"] for e in events if e["event"] == "batch_done") == [5, 10, 10]
     assert all(entry["authorization"] for entry in server.request_log)
 
 
