@@ -39,6 +39,7 @@ from queue_processor.settings import (
     OPENAI_DEFAULT_BASE_URL,
     OPENAI_DEFAULT_MODEL,
     Settings,
+    load_settings,
 )
 from queue_processor.systemd import SystemdNotifier
 from queue_processor.worker import (
@@ -96,7 +97,7 @@ def out(text: str = "") -> None:
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     async with open_database(settings, max_size=1) as db:
-        applied = await migrate(db)
+        applied = await migrate(db, allow_unsafe_schema=args.allow_unsafe_schema)
     if applied:
         out(f"applied migrations: {', '.join(f'{v:04d}' for v in applied)}")
     else:
@@ -205,6 +206,8 @@ def build_provider(
         max_tokens_per_request=settings.embedding_max_tokens_per_request,
         max_concurrent_requests=settings.embedding_max_concurrent_requests,
         max_retries=settings.provider_max_retries,
+        max_response_bytes=settings.embedding_max_response_bytes,
+        allow_insecure_http=settings.openai_allow_insecure_http,
         rate_limiter=limiter,
         on_response=on_response,
     )
@@ -225,6 +228,8 @@ def worker_config(args: argparse.Namespace, settings: Settings) -> WorkerConfig:
         owner=settings.worker_name or default_owner(),
         cache=settings.embedding_cache,
         requested_dimensions=settings.embedding_dimensions,
+        max_content_chars=settings.max_content_chars,
+        max_claim_bytes=settings.max_claim_bytes,
     )
 
 
@@ -551,7 +556,9 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         target = await _find_target(db, args.table, args.column)
         ids = parse_id_spec(args.ids, target) if args.ids else None
         mode: Literal["missing", "all", "ids"] = "ids" if ids else "all" if args.all else "missing"
-        with render.stdout_console().status(f"queueing {target.table_name} ({mode})..."):
+        with render.stdout_console().status(
+            render.plain(f"queueing {target.table_name} ({mode})...")
+        ):
             queued = await queue.backfill(db, target.table_name, target.embedding_column, mode, ids)
     if args.json:
         out(
@@ -720,6 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", help="install or upgrade the queue schema")
+    p.add_argument(
+        "--allow-unsafe-schema",
+        action="store_true",
+        help="install even though roles other than its owner may CREATE in the queue schema "
+        "(they could then run code as the owner; warns)",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser(
@@ -879,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = Settings()
+        settings = load_settings()
     except ValidationError as exc:
         sys.stderr.write(f"queue-processor: invalid configuration:\n{exc}\n")
         return EXIT_CONFIG

@@ -2,6 +2,8 @@
 
 Events are key-value pairs; per-item context (queue id, table, record) is bound with
 structlog.contextvars by the worker. A processor drops any value that looks like an API key.
+On a console, control characters in string values (a record id or provider error text with
+ESC sequences) are written as visible escapes; JSON lines escape them by themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import structlog
+
+from queue_processor.render import escape_controls
 
 _SECRET_KEYS = re.compile(r"(api[_-]?key|authorization|password|secret|token)$", re.IGNORECASE)
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._\-]+")
@@ -27,14 +31,49 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
     return event_dict
 
 
+class _WithControls:
+    """A string value holding control characters. The console renderer prints a plain
+    string as is but any other value with ``repr()``; this one's repr is the string's, which
+    writes every control character as an escape (``'a\\x1b[2J'``)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def _escape_controls(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Console only: string values print as text, never as terminal control sequences.
+    A formatted traceback keeps its line breaks; every other value stays on its line."""
+    for key, value in list(event_dict.items()):
+        if not isinstance(value, str) or escape_controls(value) == value:
+            continue  # other values are shown with repr(), which escapes controls
+        if key == "exception":
+            event_dict[key] = "\n".join(escape_controls(line) for line in value.split("\n"))
+        elif key == "event":  # always printed as is
+            event_dict[key] = escape_controls(value)
+        else:
+            event_dict[key] = _WithControls(value)
+    return event_dict
+
+
 def configure_logging(
     level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
 ) -> None:
     """Configure structlog (and stdlib logging) once, from the CLI."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    # JSONRenderer needs no escaping step: json.dumps writes controls (and, ASCII-only, the
+    # C1 and bidi ones) as \u escapes.
+    renderer: list[structlog.typing.Processor] = (
+        [_escape_controls, structlog.dev.ConsoleRenderer()]
+        if use_console
+        else [structlog.processors.JSONRenderer()]
     )
     structlog.configure(
         processors=[
@@ -43,7 +82,7 @@ def configure_logging(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
-            renderer,
+            *renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

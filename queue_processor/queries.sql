@@ -112,14 +112,14 @@ SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_t
 -- claim takes rows only while their (cut) sizes add up to %(max_claim_bytes)s bytes, the
 -- first row always. octet_length reads a TOASTed value's stored length, not the value.
 WITH due AS (
-    SELECT id, false AS reclaimed
+    SELECT id, false AS reclaimed, octet_length(content) AS bytes
       FROM {qs}.embedding_queue
      WHERE status = 'pending' AND next_attempt_at <= now()
      ORDER BY next_attempt_at, id
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 ), expired AS (
-    SELECT id, true AS reclaimed
+    SELECT id, true AS reclaimed, octet_length(content) AS bytes
       FROM {qs}.embedding_queue
      WHERE status = 'processing' AND lease_expires_at < now()
      ORDER BY lease_expires_at
@@ -127,11 +127,10 @@ WITH due AS (
        FOR UPDATE SKIP LOCKED
 ), candidates AS (
     SELECT c.id, c.reclaimed,
-           sum(least(coalesce(octet_length(q.content), 0), 4 * %(max_content_chars)s::bigint))
+           sum(least(coalesce(c.bytes, 0), 4 * %(max_content_chars)s::bigint))
                OVER (ORDER BY c.reclaimed DESC, c.id ROWS UNBOUNDED PRECEDING) AS running_bytes,
            row_number() OVER (ORDER BY c.reclaimed DESC, c.id) AS n
       FROM (SELECT * FROM expired UNION ALL SELECT * FROM due) AS c
-      JOIN {qs}.embedding_queue AS q ON q.id = c.id
 ), picked AS (
     SELECT id, reclaimed FROM candidates
      WHERE n <= %(limit)s AND (n = 1 OR running_bytes <= %(max_claim_bytes)s::bigint)

@@ -1,20 +1,45 @@
-"""Human and JSON renderings of command output (rich on a terminal, plain text otherwise)."""
+"""Human and JSON renderings of command output (rich on a terminal, plain text otherwise).
+
+Every value that comes from the database (table and column names, record ids, error
+messages, model names, content) is shown as plain text: a rich ``Text``, never markup, with
+control characters written as visible escapes (``plain``). A row cannot make a hyperlink,
+retitle or clear the operator's terminal, or reorder what is shown around it.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import decimal
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from queue_processor.models import STATUSES
-from queue_processor.queue import StatusReport
+
+if TYPE_CHECKING:
+    from queue_processor.queue import StatusReport
+
+# C0 controls (ESC, BEL, CR, LF, TAB...), DEL and C1 controls (0x9b is an 8-bit CSI), plus the
+# bidirectional marks, embeddings, overrides and isolates ("Trojan Source" reordering).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character replaced by its Python escape (``\\x1b``,
+    ``\\n``, ``\\u202e``), so it prints as what it is instead of acting on the terminal."""
+    return _CONTROLS.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+def plain(value: object) -> Text:
+    """A value from the database as inert text: no markup, controls escaped; None is ""."""
+    return Text(escape_controls("" if value is None else str(value)))
+
 
 # USD per 1M input tokens for OpenAI's embedding models (override with
 # EMBEDDING_PRICE_PER_MILLION_TOKENS).
@@ -93,7 +118,7 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
         key = (row["table_name"], row["embedding_column"])
         per_target.setdefault(key, {})[row["status"]] = int(row["count"])
     for (table_name, column), counts in sorted(per_target.items()):
-        table.add_row(table_name, column, *(str(counts.get(s, 0)) for s in STATUSES))
+        table.add_row(plain(table_name), plain(column), *(str(counts.get(s, 0)) for s in STATUSES))
     if not per_target:
         table.add_row("(empty)", "", *("0" for _ in STATUSES))
     s = report.summary
@@ -107,7 +132,7 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
     ]
     for row in report.inbox:
         lines.append(
-            Text(
+            plain(
                 f"bulk inserts into {row['table_name']}.{row['embedding_column']}: "
                 f"{row['rows']} rows from {row['statements']} statement(s) not yet queued "
                 "(a running worker queues them before it claims)"
@@ -118,7 +143,7 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
         tokens = int(row["tokens_total"] or 0)
         cost = "unknown price" if price is None else f"~${tokens * price / 1e6:.4f}"
         lines.append(
-            Text(
+            plain(
                 f"model {row['model'] or '?'}: {tokens} tokens in {row['requests_total']} "
                 f"requests ({cost}); last 1m/5m/15m: {row['tokens_last_1m'] or 0}/"
                 f"{row['tokens_last_5m'] or 0}/{row['tokens_last_15m'] or 0} tokens"
@@ -130,24 +155,24 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
             failures.add_column(name)
         for row in report.failures:
             failures.add_row(
-                str(row["id"]),
-                row["table_name"],
-                row["embedding_column"],
-                row["record_id"],
-                str(row["attempts"]),
-                (row["error_message"] or "")[:200],
+                plain(row["id"]),
+                plain(row["table_name"]),
+                plain(row["embedding_column"]),
+                plain(row["record_id"]),
+                plain(row["attempts"]),
+                plain((row["error_message"] or "")[:200]),
             )
         lines.append(failures)
     return Group(*lines)
 
 
 def rows_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Table:
-    """A simple table of ``rows`` showing ``columns``."""
-    table = Table(title=title, title_justify="left")
+    """A simple table of ``rows`` showing ``columns``; the title and every cell as plain text."""
+    table = Table(title=plain(title), title_justify="left")
     for name in columns:
-        table.add_column(name)
+        table.add_column(plain(name))
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        table.add_row(*(plain(row.get(c)) for c in columns))
     return table
 
 

@@ -2,17 +2,22 @@
 
 Environment variable names are the field names in upper case (``DATABASE_URL``,
 ``OPENAI_API_KEY``, ``EMBEDDING_MODEL``...); queue_processor's own knobs carry the
-``QUEUE_PROCESSOR_`` prefix. Never instantiated at import time.
+``QUEUE_PROCESSOR_`` prefix. Never instantiated at import time: the CLI calls
+``load_settings()``, which also takes the API key from systemd's credentials.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from queue_processor.models import MAX_CLAIM_BYTES, MAX_CONTENT_CHARS
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
@@ -61,6 +66,13 @@ class Settings(BaseSettings):
         default=10.0, gt=0, alias="EMBEDDING_CONNECT_TIMEOUT_SECONDS"
     )
     provider_max_retries: int = Field(default=5, ge=1, alias="EMBEDDING_MAX_RETRIES")
+    # Ceiling on one success body from the provider, in bytes; each request's own limit is
+    # derived from its inputs and dimensions (OpenAIProvider.response_limit_bytes).
+    embedding_max_response_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, alias="EMBEDDING_MAX_RESPONSE_BYTES"
+    )
+    # Plain http to a host that is not loopback sends the key in clear: refused unless true.
+    openai_allow_insecure_http: bool = Field(default=False, alias="OPENAI_ALLOW_INSECURE_HTTP")
 
     # Worker.
     # 500: large enough to amortise a batch's fixed cost (a claim, a provider call, one write
@@ -85,6 +97,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         default=30.0, ge=0, alias="QUEUE_PROCESSOR_SHUTDOWN_GRACE_SECONDS"
     )
+    max_content_chars: int = Field(
+        default=MAX_CONTENT_CHARS, gt=0, alias="QUEUE_PROCESSOR_MAX_CONTENT_CHARS"
+    )
+    max_claim_bytes: int = Field(
+        default=MAX_CLAIM_BYTES, gt=0, alias="QUEUE_PROCESSOR_MAX_CLAIM_BYTES"
+    )
     embedding_cache: bool = Field(default=False, alias="EMBEDDING_CACHE")
     worker_name: str | None = Field(default=None, alias="QUEUE_PROCESSOR_WORKER_NAME")
 
@@ -100,6 +118,51 @@ class Settings(BaseSettings):
         if not _IDENT.match(value):
             raise ValueError(f"QUEUE_PROCESSOR_SCHEMA must be a plain identifier, got {value!r}")
         return value
+
+
+API_KEY_CREDENTIAL = "openai_api_key"
+"""The credential name the unit's ``LoadCredential=`` uses for the API key."""
+
+
+def load_settings() -> Settings:
+    """The configuration, read once at the edge: the environment (``Settings()``), then, if it
+    sets no ``OPENAI_API_KEY``, the key in ``$CREDENTIALS_DIRECTORY/openai_api_key``.
+
+    That is where systemd's ``LoadCredential=openai_api_key:<file>`` puts it: readable by the
+    service alone and, unlike ``EnvironmentFile=``, absent from the environment that child
+    processes (an embedded PostgreSQL) inherit. Surrounding whitespace (a trailing newline) is
+    dropped. Raises ``ValidationError``, like ``Settings()``, for invalid values and for a
+    credential file that exists but cannot be read or is empty; a missing file is no error.
+    """
+    settings = Settings()
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if settings.openai_api_key is not None or not directory:
+        return settings
+    path = Path(directory) / API_KEY_CREDENTIAL
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return settings
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise _credential_error(path, f"cannot be read: {reason}") from exc
+    if not key:
+        raise _credential_error(path, "is empty")
+    return settings.model_copy(update={"openai_api_key": SecretStr(key)})
+
+
+def _credential_error(path: Path, problem: str) -> ValidationError:
+    """A ValidationError for OPENAI_API_KEY that names the file, never its content."""
+    error = PydanticCustomError(
+        "credential",
+        "the systemd credential {path} {problem}",
+        {"path": str(path), "problem": problem},
+    )
+    return ValidationError.from_exception_data(
+        "Settings",
+        [{"type": error, "loc": ("OPENAI_API_KEY",), "input": str(path)}],
+        hide_input=True,
+    )
 
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"

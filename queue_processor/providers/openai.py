@@ -11,10 +11,14 @@ here, at the edge, into the shapes the worker acts on:
   input gets a per-input error, the others their vectors.
 - wrong dimension, NaN/inf, missing or undecodable vectors: per-input errors.
 - 401 / 403 / 404 / unknown model / other 4xx: ``ConfigurationError`` (stop the worker).
+- a success body larger than the request can legitimately produce (see
+  ``OpenAIProvider.response_limit_bytes``): reading stops at the limit and the answer counts
+  as unreadable (retried, then ``ProviderUnavailable``); error bodies are read up to 64 KiB.
 
-The API key is sent only in the Authorization header. It never appears in a message, a log
+The API key is sent only in the Authorization header, and only over https or to a loopback
+host (plain http elsewhere needs ``allow_insecure_http``). It never appears in a message, a log
 event or ``repr``: every message is built here from the status, a credential-free URL and the
-server's error text with the key redacted.
+server's error text with the key redacted in any letter case and URL/percent-encoding.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import ipaddress
+import json
 import math
 import random
 import re
@@ -54,6 +60,20 @@ from queue_processor.providers.base import (
 log = structlog.get_logger(__name__)
 
 _MAX_ERROR_CHARS = 500
+# An error body only has to yield a message of _MAX_ERROR_CHARS: read this much of it.
+_MAX_ERROR_BODY_BYTES = 64 * 1024
+# Bytes one vector component can take in a success body: 5.3 as base64 (what we ask for);
+# up to ~25 as a JSON number in a pretty-printed list ("      -0.012345678,\n"), from servers
+# that ignore encoding_format. 32 leaves room for either.
+_BODY_BYTES_PER_VALUE = 32
+# Components assumed per vector when no dimension is configured (the largest common models
+# have 4096; 8192 leaves room).
+_ASSUMED_MAX_DIMENSIONS = 8192
+# The envelope around the vectors: object names, indices, usage, model; pretty-printing.
+_BODY_HEADROOM_BYTES = 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+"""The default ceiling on one success body (EMBEDDING_MAX_RESPONSE_BYTES), in bytes: 512
+inputs of 4096 dimensions as pretty-printed JSON numbers fit."""
 _RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 _HINTED_STATUSES = frozenset({429, 503})
 _INPUT_STATUSES = frozenset({400, 413, 422})
@@ -91,6 +111,86 @@ class _Rejected(Exception):
 
 class _HTTPFailure(Exception):
     """A clean description of a non-retryable HTTP answer, kept as ``__cause__``."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One HTTP answer with its body, read within a byte limit (``_read_limited``)."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes | bytearray
+
+    def json(self) -> Any:
+        """The body parsed as JSON; ValueError if it is not JSON."""
+        return json.loads(self.body)
+
+    def text(self) -> str:
+        """The body as text (UTF-8, undecodable bytes replaced)."""
+        return self.body.decode("utf-8", "replace")
+
+
+class _Redactor:
+    """Replaces every spelling of the secrets in a text with ``[redacted]``: any letter case,
+    and each character either as itself or percent-encoded (upper- or lower-case hex, encoded
+    once or twice), which covers ``quote``, ``quote_plus`` and full percent-encoding.
+
+    Holds the secrets only inside a compiled pattern and masks its own ``repr``.
+    """
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        spellings = [_spellings(secret) for secret in secrets if secret]
+        self._pattern = re.compile("|".join(spellings), re.IGNORECASE) if spellings else None
+
+    def __call__(self, text: str) -> str:
+        return text if self._pattern is None else self._pattern.sub("[redacted]", text)
+
+    def __repr__(self) -> str:
+        return "_Redactor(<hidden>)"
+
+
+def _spellings(secret: str) -> str:
+    """A regex (to compile with IGNORECASE) matching ``secret`` in any of its spellings."""
+    parts = []
+    for char in secret:
+        encoded = "".join(f"%(?:25)?{byte:02x}" for byte in char.encode("utf-8"))
+        alternatives = [re.escape(char), encoded] + (["\\+"] if char == " " else [])
+        parts.append(f"(?:{'|'.join(alternatives)})")
+    return "".join(parts)
+
+
+def _is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1, ::ffff:127.x.y.z)."""
+    name = host.lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+async def _read_limited(response: httpx.Response, limit_bytes: int) -> tuple[bytearray, bool]:
+    """Read the (decoded) body, stopping once it passes ``limit_bytes``.
+
+    Returns ``(body, True)`` when all of it fit, else ``(the first limit_bytes, False)``
+    without reading the rest; a declared Content-Length over the limit stops before reading.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit_bytes:
+        return bytearray(), False
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        if len(body) + len(chunk) > limit_bytes:
+            body += chunk[: limit_bytes - len(body)]
+            return body, False
+        body += chunk
+    return body, True
 
 
 @dataclass
@@ -201,9 +301,12 @@ class OpenAIProvider(EmbeddingProvider):
     """Embeddings from an OpenAI-compatible HTTP API. See the module docstring for behaviour.
 
     ``max_retries`` is the number of attempts per HTTP request for transient failures.
-    If ``client`` is given it is used as is and not closed by ``aclose()``; otherwise the
-    provider owns one keep-alive ``httpx.AsyncClient``. ``max_concurrent_requests`` bounds
-    requests in flight across all concurrent ``embed()`` calls of this provider.
+    ``max_response_bytes`` caps one success body (see ``response_limit_bytes``).
+    ``allow_insecure_http`` permits sending the key over plain http to a host that is not
+    loopback (otherwise a ``ConfigurationError``). If ``client`` is given it is used as is
+    and not closed by ``aclose()``; otherwise the provider owns one keep-alive
+    ``httpx.AsyncClient``. ``max_concurrent_requests`` bounds requests in flight across all
+    concurrent ``embed()`` calls of this provider.
     """
 
     name = "openai"
@@ -223,6 +326,8 @@ class OpenAIProvider(EmbeddingProvider):
         max_retries: int = 5,
         backoff_base_seconds: float = 0.5,
         backoff_max_seconds: float = 30,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        allow_insecure_http: bool = False,
         rate_limiter: RateLimiter | None = None,
         client: httpx.AsyncClient | None = None,
         on_response: Callable[[int | str], None] | None = None,
@@ -235,6 +340,7 @@ class OpenAIProvider(EmbeddingProvider):
         _require(max_tokens_per_request >= 1, "max_tokens_per_request must be at least 1")
         _require(max_concurrent_requests >= 1, "max_concurrent_requests must be at least 1")
         _require(max_retries >= 1, "max_retries must be at least 1")
+        _require(max_response_bytes >= 1, "max_response_bytes must be at least 1")
         _require(
             0 <= backoff_base_seconds <= backoff_max_seconds,
             "backoff seconds must satisfy 0 <= backoff_base_seconds <= backoff_max_seconds",
@@ -264,9 +370,18 @@ class OpenAIProvider(EmbeddingProvider):
             all(0x21 <= ord(char) <= 0x7E for char in key),
             "the API key contains whitespace or characters not allowed in an HTTP header",
         )
+        if key and url.scheme == "http" and not _is_loopback(url.host):
+            _require(
+                allow_insecure_http,
+                f"the provider base URL {self.base_url} is plain http to a host that is not "
+                "loopback: the API key would cross the network unencrypted. Use https, or set "
+                "OPENAI_ALLOW_INSECURE_HTTP=true if the path to that host is trusted",
+            )
+            log.warning("provider_insecure_http", url=self.base_url)
         # Never held as plain str attributes, so that even vars(provider) or a traceback that
-        # shows locals stays clean: SecretStr and httpx.Headers both mask themselves in repr.
+        # shows locals stays clean: SecretStr, _Redactor and httpx.Headers mask their repr.
         self._secrets = [SecretStr(key)] if key else []
+        self._redactor = _Redactor([key])
         self._headers = httpx.Headers({"Authorization": f"Bearer {key}"} if key else {})
 
         self.model = model
@@ -275,6 +390,7 @@ class OpenAIProvider(EmbeddingProvider):
         self.max_tokens_per_request = max_tokens_per_request
         self.max_concurrent_requests = max_concurrent_requests
         self.max_retries = max_retries
+        self.max_response_bytes = max_response_bytes
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self._rate_limiter = rate_limiter
@@ -305,6 +421,19 @@ class OpenAIProvider(EmbeddingProvider):
     def is_closed(self) -> bool:
         """True once the HTTP client this provider uses is closed."""
         return self._client.is_closed
+
+    def response_limit_bytes(self, n_inputs: int) -> int:
+        """The largest success body accepted for a request of ``n_inputs`` inputs, in bytes.
+
+        What the request can legitimately produce, generously: 32 bytes per vector component
+        (base64 takes 5.3, a pretty-printed JSON number up to ~25) times the configured
+        dimensions (8192 when unset) per input, plus 1 MiB for the envelope; never more than
+        ``max_response_bytes``. A body past it is not read further (rule: every input has a
+        size, enforced where it enters).
+        """
+        dims = self.dimensions or _ASSUMED_MAX_DIMENSIONS
+        expected = n_inputs * dims * _BODY_BYTES_PER_VALUE + _BODY_HEADROOM_BYTES
+        return min(self.max_response_bytes, expected)
 
     async def aclose(self) -> None:
         """Close the owned HTTP client (a client passed in is left to its owner)."""
@@ -414,20 +543,25 @@ class OpenAIProvider(EmbeddingProvider):
         if self.dimensions is not None:
             body["dimensions"] = self.dimensions
         estimated = sum(estimate_tokens(text) for text in inputs)
+        limit_bytes = self.response_limit_bytes(len(inputs))
 
-        async def attempt() -> httpx.Response:
+        async def attempt() -> _Answer:
             if self._rate_limiter is not None:
                 await self._rate_limiter.acquire(estimated)
             async with self._limiter:
                 state.requests += 1
                 try:
-                    response = await self._send(body)
+                    answer = await self._send(body, limit_bytes)
                 except _Retryable as exc:
-                    timed_out = isinstance(exc.__cause__, httpx.TimeoutException)
-                    self._observe_response("timeout" if timed_out else "error")
+                    if exc.status is not None:  # answered, but with an oversized body
+                        self._observe_response(exc.status)
+                    elif isinstance(exc.__cause__, httpx.TimeoutException):
+                        self._observe_response("timeout")
+                    else:
+                        self._observe_response("error")
                     raise
-                self._observe_response(response.status_code)
-                return response
+                self._observe_response(answer.status)
+                return answer
 
         async def attempt_and_read() -> _Batch:
             return self._interpret(await attempt(), len(inputs), estimated)
@@ -459,12 +593,19 @@ class OpenAIProvider(EmbeddingProvider):
         if self._on_response is not None:
             self._on_response(status)
 
-    async def _send(self, body: dict[str, Any]) -> httpx.Response:
-        """POST once; transport failures become _Retryable with a clean message."""
+    async def _send(self, body: dict[str, Any], limit_bytes: int) -> _Answer:
+        """POST once and read the answer: a success body up to ``limit_bytes``, an error body
+        up to 64 KiB. Transport failures become _Retryable with a clean message."""
         try:
-            return await self._client.post(
-                self._endpoint, json=body, headers=self._headers, timeout=self._timeout
-            )
+            async with self._client.stream(
+                "POST", self._endpoint, json=body, headers=self._headers, timeout=self._timeout
+            ) as response:
+                status = response.status_code
+                success = 200 <= status < 300
+                content, complete = await _read_limited(
+                    response, limit_bytes if success else _MAX_ERROR_BODY_BYTES
+                )
+                # Leaving the block unread closes the connection: the rest is never read.
         except httpx.TimeoutException as exc:
             raise _Retryable(
                 f"request to {self._endpoint_display} timed out ({type(exc).__name__})"
@@ -480,13 +621,25 @@ class OpenAIProvider(EmbeddingProvider):
                 f"request to {self._endpoint_display} failed: {type(exc).__name__}"
                 f" ({self._redact(str(exc)) or 'no details'})"
             ) from exc
+        if success and not complete:
+            # Transient, like any unreadable success body: a provider sending more than the
+            # request can produce is misbehaving (a proxy's page, a runaway server), so this
+            # answer is garbage; the retries and then the item's attempts bound the cost, and
+            # the message names the limit in case it is the setting that is too small.
+            raise _Retryable(
+                f"{self._endpoint_display} sent a response body over {limit_bytes} bytes for "
+                f"{len(body['input'])} input(s) (HTTP {status}); stopped reading it. The limit "
+                "follows from the inputs and dimensions, capped by EMBEDDING_MAX_RESPONSE_BYTES",
+                status=status,
+            )
+        return _Answer(status=status, headers=response.headers, body=content)
 
-    def _interpret(self, response: httpx.Response, n_inputs: int, estimated: int) -> _Batch:
+    def _interpret(self, answer: _Answer, n_inputs: int, estimated: int) -> _Batch:
         """Turn one HTTP answer into a _Batch or the matching exception."""
-        status = response.status_code
+        status = answer.status
         if 200 <= status < 300:
             try:
-                payload = response.json()
+                payload = answer.json()
             except ValueError as exc:
                 raise _Retryable(
                     f"{self._endpoint_display} returned an unreadable body (HTTP {status})",
@@ -494,9 +647,9 @@ class OpenAIProvider(EmbeddingProvider):
                 ) from exc
             return self._parse(payload, n_inputs, estimated, status)
 
-        server_message = self._error_message(response)
+        server_message = self._error_message(answer)
         if status in _RETRYABLE_STATUSES:
-            hint = retry_hint_s(response.headers) if status in _HINTED_STATUSES else None
+            hint = retry_hint_s(answer.headers) if status in _HINTED_STATUSES else None
             raise _Retryable(
                 f"{self._endpoint_display} answered HTTP {status}: {server_message}",
                 status=status,
@@ -509,7 +662,7 @@ class OpenAIProvider(EmbeddingProvider):
                 f"{server_message}. Check the API key setting.",
                 status,
             )
-        if status == 404 or (status in _INPUT_STATUSES and self._says_model_missing(response)):
+        if status == 404 or (status in _INPUT_STATUSES and self._says_model_missing(answer)):
             self._stop(
                 f"model {self.model!r} is not available at {self.base_url} (HTTP {status}): "
                 f"{server_message}. Check the model name and the base URL.",
@@ -587,10 +740,10 @@ class OpenAIProvider(EmbeddingProvider):
             log.warning("provider_response_items_ignored", items=ignored)
         return _Batch(vectors=vectors, errors=errors, tokens=_usage_tokens(payload, estimated))
 
-    def _error_message(self, response: httpx.Response) -> str:
+    def _error_message(self, answer: _Answer) -> str:
         """The server's error text (``error.message`` if JSON), redacted and truncated."""
         try:
-            payload = response.json()
+            payload = answer.json()
         except ValueError:
             payload = None
         message: object = None
@@ -603,19 +756,16 @@ class OpenAIProvider(EmbeddingProvider):
             if message is None:
                 message = payload.get("message") or payload.get("detail")
         if message is None:
-            try:
-                message = response.text
-            except (UnicodeDecodeError, LookupError):
-                message = ""
+            message = answer.text()
         text = " ".join(str(message).split())
         text = self._redact(text)
         if len(text) > _MAX_ERROR_CHARS:
             text = text[: _MAX_ERROR_CHARS - 3] + "..."
         return text or "no error message"
 
-    def _says_model_missing(self, response: httpx.Response) -> bool:
+    def _says_model_missing(self, answer: _Answer) -> bool:
         try:
-            payload = response.json()
+            payload = answer.json()
         except ValueError:
             return False
         error = payload.get("error") if isinstance(payload, dict) else None
@@ -628,9 +778,8 @@ class OpenAIProvider(EmbeddingProvider):
         return isinstance(message, str) and bool(_MODEL_MISSING.search(message))
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret.get_secret_value(), "[redacted]")
-        return text
+        """``text`` with the API key removed in every spelling (see ``_Redactor``)."""
+        return self._redactor(text)
 
     def _wait_s(self, retry_state: RetryCallState) -> float:
         """Exponential backoff with jitter, but at least the server's hint (both capped)."""

@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 import threading
+import urllib.parse
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,9 @@ class _Reply:
     headers: tuple[tuple[str, str], ...] = ()
     sleep_s: float = 0.0
     drop: str | None = None  # "reset" (RST) or "timeout" (close after sleeping, no answer)
+    # > 0: instead of ``body``, stream this many bytes of an endless-looking success body.
+    oversized_bytes: int = 0
+    declare_length: bool = False  # send the oversized body with Content-Length (else chunked)
 
 
 @dataclass
@@ -145,6 +149,8 @@ class _Snapshot:
     shuffle_order: bool
     timeout_sleep_s: float
     slow_s: float
+    oversized_body_bytes: int = 0
+    oversized_declares_length: bool = False
     fault: str | None = None
     retry_after: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +171,14 @@ class FakeOpenAIServer:
     dropped by a timeout/reset fault), ``input_counts`` (how often each input text was part
     of a 200 response), ``faults_injected``, ``request_log`` (one dict per embedding request:
     status, n_inputs, model, authorization (bool, never the key), dimensions,
-    encoding_format, fault), ``in_flight`` / ``max_in_flight`` (concurrent embedding requests).
+    encoding_format, fault), ``in_flight`` / ``max_in_flight`` (concurrent embedding requests),
+    ``oversized_bytes_sent`` (body bytes of ``oversized_body_bytes`` answers the client took:
+    handed to the kernel, so at most a few MB of socket buffers more than it read).
+
+    ``oversized_body_bytes`` > 0 answers every authorised embeddings request with a 200 whose
+    body is that many bytes of a never-ending-looking ``data`` list, streamed in 64 KiB chunks
+    (chunked, or with Content-Length when ``oversized_declares_length``), until the client
+    hangs up.
     """
 
     def __init__(
@@ -201,6 +214,8 @@ class FakeOpenAIServer:
         self.drop_vector_for: set[str] = set()
         self.ignore_base64 = False
         self.shuffle_order = False
+        self.oversized_body_bytes = 0
+        self.oversized_declares_length = False
         self.rng = random.Random(seed)
         self._check_faults(self.faults)
 
@@ -220,6 +235,7 @@ class FakeOpenAIServer:
         self.request_log: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.oversized_bytes_sent = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -300,13 +316,16 @@ class FakeOpenAIServer:
             self.drop_vector_for = set()
             self.ignore_base64 = False
             self.shuffle_order = False
+            self.oversized_body_bytes = 0
+            self.oversized_declares_length = False
 
     def configure(self, **settings: Any) -> None:
         """Change settings by name; used by ``POST /control``.
 
         Keys: latency_s, fault_rate, faults, seed, timeout_sleep_s, slow_s, reject_inputs,
         wrong_dims_for, nan_for, drop_vector_for, ignore_base64, shuffle_order,
-        required_api_key, known_models, fail_next ({"status", "n", "retry_after"}), reset.
+        oversized_body_bytes, oversized_declares_length, required_api_key, known_models,
+        fail_next ({"status", "n", "retry_after"}), reset.
         """
         if settings.pop("reset", False):
             self.reset()
@@ -323,8 +342,10 @@ class FakeOpenAIServer:
                     self.rng = random.Random(value)
                 elif key in ("reject_inputs", "wrong_dims_for", "nan_for", "drop_vector_for"):
                     setattr(self, key, {str(item) for item in value})
-                elif key in ("ignore_base64", "shuffle_order"):
+                elif key in ("ignore_base64", "shuffle_order", "oversized_declares_length"):
                     setattr(self, key, bool(value))
+                elif key == "oversized_body_bytes":
+                    self.oversized_body_bytes = int(value)
                 elif key == "required_api_key":
                     self.required_api_key = None if value is None else str(value)
                 elif key == "known_models":
@@ -343,6 +364,7 @@ class FakeOpenAIServer:
                 "input_counts": dict(self.input_counts),
                 "faults_injected": dict(self.faults_injected),
                 "max_in_flight": self.max_in_flight,
+                "oversized_bytes_sent": self.oversized_bytes_sent,
             }
             if include_log:
                 stats["request_log"] = list(self.request_log)
@@ -372,6 +394,8 @@ class FakeOpenAIServer:
                 shuffle_order=self.shuffle_order,
                 timeout_sleep_s=self.timeout_sleep_s,
                 slow_s=self.slow_s,
+                oversized_body_bytes=self.oversized_body_bytes,
+                oversized_declares_length=self.oversized_declares_length,
             )
             if self._fail_queue:
                 fault, snapshot.retry_after = self._fail_queue.popleft()
@@ -432,10 +456,13 @@ class FakeOpenAIServer:
         if snap.required_api_key is not None:
             given = (authorization or "").removeprefix("Bearer ").strip()
             if given != snap.required_api_key:
-                # Like OpenAI, quote the key that was sent (in full, to test client redaction).
+                # Like OpenAI, quote the key that was sent (in full, to test client redaction),
+                # and like some proxies, also lower-cased and percent-encoded.
                 message = (
                     f"Incorrect API key provided: {given}. You can find your API key at "
-                    "https://platform.openai.com/account/api-keys."
+                    "https://platform.openai.com/account/api-keys. (Normalised: "
+                    f"{given.lower()}; as sent upstream: {_percent_encoded(given)}; "
+                    f"in the query: key={urllib.parse.quote_plus(given)})"
                     if given
                     else "You didn't provide an API key."
                 )
@@ -448,6 +475,13 @@ class FakeOpenAIServer:
                 "model_not_found",
             )
 
+        if snap.oversized_body_bytes > 0:
+            return _Reply(
+                status=200,
+                oversized_bytes=snap.oversized_body_bytes,
+                declare_length=snap.oversized_declares_length,
+                sleep_s=latency,
+            )
         if snap.fault is not None:
             entry["fault"] = snap.fault
             reply = self._fault_reply(snap)
@@ -570,6 +604,15 @@ def _replace_sleep(reply: _Reply, sleep_s: float) -> _Reply:
     return _Reply(reply.status, reply.body, reply.headers, sleep_s, reply.drop)
 
 
+def _percent_encoded(text: str) -> str:
+    """Every byte of ``text`` as %xx (lower-case hex), as some proxies log a header."""
+    return "".join(f"%{byte:02x}" for byte in text.encode("utf-8"))
+
+
+_OVERSIZED_HEAD = b'{"object":"list","data":['
+_OVERSIZED_ITEM = b'{"object":"embedding","index":0,"embedding":[' + b"0.125," * 1000 + b"0.125]},"
+
+
 class _HTTPServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that tracks connections so ``stop()`` can close idle keep-alives."""
 
@@ -675,7 +718,36 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.drop == "timeout":
             self.close_connection = True
             return
+        if reply.oversized_bytes > 0:
+            self._send_oversized(reply.oversized_bytes, declare_length=reply.declare_length)
+            return
         self._send(reply.status, reply.body, reply.headers)
+
+    def _send_oversized(self, size: int, *, declare_length: bool) -> None:
+        """Stream ``size`` bytes of a success body until done or the client hangs up."""
+        fake = self.server.fake
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if declare_length:
+            self.send_header("Content-Length", str(size))
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        pattern = _OVERSIZED_HEAD + _OVERSIZED_ITEM * (64 * 1024 // len(_OVERSIZED_ITEM) + 1)
+        remaining = size
+        try:
+            while remaining > 0 and not fake._stopping.is_set():
+                chunk = pattern[: min(64 * 1024, remaining)]
+                frame = chunk if declare_length else b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                self.wfile.write(frame)
+                remaining -= len(chunk)
+                with fake._lock:
+                    fake.oversized_bytes_sent += len(chunk)
+            if not declare_length:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client stopped reading and closed: what a capped client does
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

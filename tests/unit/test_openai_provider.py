@@ -69,7 +69,7 @@ def mock_provider(
     handler: Callable[[httpx.Request], httpx.Response], **overrides: Any
 ) -> tuple[OpenAIProvider, httpx.AsyncClient]:
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return make_provider(base_url="http://mock.test/v1", client=client, **overrides), client
+    return make_provider(base_url="https://mock.test/v1", client=client, **overrides), client
 
 
 def assert_matches_fake(result: EmbedResult, texts: list[str], dims: int = DIMS) -> None:
