@@ -160,6 +160,8 @@ class Worker:
         self._observers = list(observers)
         self._on_claim = on_claim
         self._stop_requested = False
+        # Set when a batch hit a configuration error: the loop claims nothing more.
+        self._claims_closed = False
         self._abort_requested = False
         self._stop_event: anyio.Event | None = None
         self._wake = anyio.Event()
@@ -211,6 +213,7 @@ class Worker:
         self._stop_event = anyio.Event()
         if self._stop_requested:
             self._stop_event.set()
+        self._claims_closed = False
         self.summary = RunSummary()
         try:
             with anyio.CancelScope() as run_scope:
@@ -245,22 +248,32 @@ class Worker:
         cfg = self._config
         slots = anyio.Semaphore(cfg.concurrency)
         db_failures = 0
-        while not self._stop_requested:
+        while not (self._stop_requested or self._claims_closed):
             if not await self._until_stopped(slots.acquire):
                 break
-            if self._stop_requested:
+            if self._stop_requested or self._claims_closed:
                 slots.release()
                 break
             try:
-                result = await queue.claim_batch(
-                    self._db,
-                    owner=cfg.owner,
-                    limit=cfg.batch_size,
-                    lease_seconds=cfg.lease_seconds,
-                    max_attempts=cfg.max_attempts,
-                    max_content_chars=cfg.max_content_chars,
-                    max_claim_bytes=cfg.max_claim_bytes,
-                )
+                # Shielded: a claim commits in the database before its rows reach us, so a
+                # cancellation arriving meanwhile (a batch's ConfigurationError cancels this
+                # loop) would leave them processing under a claim nobody holds until the lease
+                # lapses. A claim that completes after a stop was requested is given back at
+                # once (its rows may be the very ones a failing batch just released).
+                with anyio.CancelScope(shield=True):
+                    result = await queue.claim_batch(
+                        self._db,
+                        owner=cfg.owner,
+                        limit=cfg.batch_size,
+                        lease_seconds=cfg.lease_seconds,
+                        max_attempts=cfg.max_attempts,
+                        max_content_chars=cfg.max_content_chars,
+                        max_claim_bytes=cfg.max_claim_bytes,
+                    )
+                    if (self._stop_requested or self._claims_closed) and result.claim.items:
+                        await self._release(result.claim)
+                        slots.release()
+                        break
             except DatabaseUnavailable as exc:
                 slots.release()
                 db_failures += 1
@@ -326,6 +339,11 @@ class Worker:
             slot.release()
             raise
         except ConfigurationError:
+            # No new claim from here on: a claim in progress gives its rows back (see
+            # _claim_loop), then this batch's rows are given back.
+            self._claims_closed = True
+            if self._stop_event is not None:
+                self._stop_event.set()
             await self._release(claim)
             slot.release()
             raise
