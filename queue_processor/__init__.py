@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 from queue_processor.db import Database
 from queue_processor.errors import (
     ConfigurationError,
@@ -17,6 +19,8 @@ from queue_processor.errors import (
 from queue_processor.migrations import check_schema, migrate
 from queue_processor.settings import Settings
 
+__version__ = version("queue_processor")
+
 __all__ = [
     "ConfigurationError",
     "Database",
@@ -29,6 +33,7 @@ __all__ = [
     "Settings",
     "TransientError",
     "UnregisteredTarget",
+    "__version__",
     "check_schema",
     "migrate",
 ]

@@ -20,7 +20,7 @@ import anyio
 import structlog
 from pydantic import ValidationError
 
-from queue_processor import queue, render
+from queue_processor import __version__, queue, render
 from queue_processor.db import Database, StatementFailed
 from queue_processor.errors import (
     ConfigurationError,
@@ -30,7 +30,7 @@ from queue_processor.errors import (
 )
 from queue_processor.logconfig import configure_logging
 from queue_processor.metrics import HealthCheck, Metrics, QueueDepthPoller, all_of, progress_check
-from queue_processor.migrations import check_schema, migrate
+from queue_processor.migrations import check_schema, migrate, plan
 from queue_processor.models import Target
 from queue_processor.providers.base import EmbeddingProvider, RateLimiter
 from queue_processor.providers.openai import OpenAIProvider
@@ -96,6 +96,24 @@ def out(text: str = "") -> None:
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.dry_run:
+        async with open_database(settings, max_size=1) as db:
+            todo = await plan(db)
+        if todo.schema_creators:
+            out(
+                f"would refuse: roles other than its owner may CREATE in schema "
+                f"{settings.queue_schema!r} ({todo.schema_creators}); see --allow-unsafe-schema"
+            )
+        if todo.up_to_date:
+            out("schema is up to date")
+        for m in todo.migrations:
+            out(f"would apply migration {m.version:04d}_{m.name}")
+        if todo.function_files:
+            out(
+                f"would apply function files {', '.join(todo.function_files)}, then regenerate "
+                "every registered target's triggers and re-grant every worker role"
+            )
+        return EXIT_OK
     async with open_database(settings, max_size=1) as db:
         applied = await migrate(db, allow_unsafe_schema=args.allow_unsafe_schema)
     if applied:
@@ -724,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="queue-processor",
         description="Keep vector embeddings of Postgres text up to date (outbox pattern).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", help="install or upgrade the queue schema")
@@ -732,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="install even though roles other than its owner may CREATE in the queue schema "
         "(they could then run code as the owner; warns)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be applied; change nothing"
     )
     p.set_defaults(func=cmd_migrate)
 

@@ -403,6 +403,13 @@ class Database:
         row = await self.fetch_one(conn, self.statement("schema_creators"), {"schema": self.schema})
         return str(row["roles"]) if row else ""
 
+    async def has_function_hashes(self, conn: psycopg.AsyncConnection[Row]) -> bool:
+        """Whether the queue schema records applied function files (migration 0006 on)."""
+        row = await self.fetch_one(
+            conn, self.statement("function_hashes_installed"), {"schema": self.schema}
+        )
+        return bool(row and row["installed"])
+
     async def function_hashes(self, conn: psycopg.AsyncConnection[Row]) -> dict[str, str]:
         """SHA-256 of each function file as last applied, by file name (empty before 0006)."""
         rows = await self.fetch_all(conn, self.statement("function_hashes"))

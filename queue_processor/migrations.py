@@ -127,6 +127,35 @@ async def migrate(db: Database, *, allow_unsafe_schema: bool = False) -> list[in
     return applied
 
 
+@dataclass(frozen=True)
+class MigrationPlan:
+    """What ``migrate`` would do now: the pending migrations, the function files it would
+    (re)apply (all of them once anything changed), and the roles other than its owner that
+    may CREATE in the queue schema (``migrate`` refuses those unless overridden)."""
+
+    migrations: tuple[Migration, ...]
+    function_files: tuple[str, ...]
+    schema_creators: str
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing to apply."""
+        return not self.migrations and not self.function_files
+
+
+async def plan(db: Database) -> MigrationPlan:
+    """What ``migrate`` would apply, without applying or locking anything."""
+    async with db.connection(autocommit=True) as conn:
+        installed = await db.schema_version(conn)
+        done = await db.applied_migrations(conn) if installed is not None else set()
+        current = await db.function_hashes(conn) if await db.has_function_hashes(conn) else {}
+        creators = await db.schema_creators(conn)
+    pending = tuple(m for m in load_migrations() if m.version not in done)
+    files = load_function_files()
+    changed = bool(pending) or any(current.get(f.name) != f.sha256 for f in files)
+    return MigrationPlan(pending, tuple(f.name for f in files) if changed else (), creators)
+
+
 def _unsafe_schema(schema: str, creators: str, *, allowed: bool) -> None:
     message = (
         f"roles other than its owner may CREATE in schema {schema!r} ({creators}): they could "

@@ -29,6 +29,11 @@ SELECT coalesce(string_agg(CASE a.grantee WHEN 0 THEN 'PUBLIC'
  WHERE n.nspname = %(schema)s::text AND a.privilege_type = 'CREATE'
    AND a.grantee <> n.nspowner;
 
+-- name: function_hashes_installed
+-- Whether the function files' record exists in the queue schema (migration 0006 on).
+SELECT to_regclass(format('%%I.queue_processor_functions', %(schema)s::text)) IS NOT NULL
+       AS installed;
+
 -- name: function_hashes
 -- The function files as last applied (sql/functions; the table exists from 0006 on).
 SELECT file, sha256 FROM {qs}.queue_processor_functions;

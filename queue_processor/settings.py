@@ -25,7 +25,15 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 class Settings(BaseSettings):
     """Every setting with its default; units are in the names."""
 
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, populate_by_name=True)
+    # A .env file in the working directory is read too (the seed systems kept their settings
+    # there); variables set in the environment win over it. Unrelated keys are ignored.
+    model_config = SettingsConfigDict(
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+        env_file=".env",
+        env_file_encoding="utf-8",
+    )
 
     # Database. Unset DATABASE_URL means the embedded PostgreSQL in data_dir.
     database_url: SecretStr | None = Field(default=None, alias="DATABASE_URL")

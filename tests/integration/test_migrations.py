@@ -185,3 +185,37 @@ def test_cli_migrate_honours_queue_processor_schema(empty_dsn: str) -> None:
             " to_regclass('public.embedding_queue')"
         ).fetchone()
     assert row == (None, None)
+
+
+def test_cli_dry_run_lists_what_migrate_would_apply_and_changes_nothing(empty_dsn: str) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(CLI), "migrate", *args],
+            env=cli_env(empty_dsn),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    dry = cli("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    for m in load_migrations():
+        assert f"would apply migration {m.version:04d}_{m.name}" in dry.stdout
+    assert "would apply function files 10_queue.sql" in dry.stdout
+    with psycopg.connect(empty_dsn) as conn:  # nothing was applied
+        assert conn.execute("SELECT to_regclass('embedding_queue')").fetchone() == (None,)
+
+    assert cli().returncode == 0
+    again = cli("--dry-run")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "schema is up to date"
+
+
+def test_cli_version_is_the_package_version() -> None:
+    from importlib.metadata import version
+
+    shown = subprocess.run(
+        [str(CLI), "--version"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert shown.stdout.strip() == f"queue-processor {version('queue_processor')}"

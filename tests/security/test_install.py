@@ -2,10 +2,12 @@
 
 - ``migrate`` refuses a queue schema in which PUBLIC may CREATE (PostgreSQL 14 and older
   grant that on ``public`` by default), unless explicitly overridden, and then warns;
-- a database installed by the previous version (migrations 0001-0005, their functions, a
-  target registered and a worker role granted by the old ``grant-worker``) upgrades in place:
-  its generated trigger functions lose PUBLIC's EXECUTE, the old worker role is narrowed to
-  the lease columns (no ``content``) and keeps working, under row-level security;
+- a database installed by 0.1.0 (migrations 0001-0005 are its SQL, frozen: migrations are
+  never edited; a target registered and a worker role granted by the old ``grant-worker``,
+  rows queued) upgrades in place: ``migrate --dry-run``'s plan lists what will run, its
+  generated trigger functions lose PUBLIC's EXECUTE, the old worker role is narrowed to the
+  lease columns (no ``content``) and keeps working under row-level security, a bulk insert
+  takes the current (inbox) path, and everything drains;
 - ``register`` never resolves a bare table name to a temporary table.
 Run on PostgreSQL 18 (embedded) and 15 (the machine's), with real roles and logins.
 """
@@ -23,7 +25,14 @@ from structlog.testing import capture_logs
 from queue_processor import queue
 from queue_processor.db import Database
 from queue_processor.errors import ConfigurationError
-from queue_processor.migrations import _VERSION_TABLE, check_schema, load_migrations, migrate
+from queue_processor.migrations import (
+    _VERSION_TABLE,
+    check_schema,
+    load_function_files,
+    load_migrations,
+    migrate,
+    plan,
+)
 from queue_processor.worker import Worker
 from tests.security.conftest import Roles, Server
 from tests.support.fake_openai import FakeOpenAIServer, fake_vector
@@ -96,8 +105,14 @@ async def test_a_database_of_the_previous_version_upgrades_locked_down(
     assert before == [{"public_exec": True, "content": True}]
 
     async with Database(empty_db) as db:
+        todo = await plan(db)
+        assert [m.version for m in todo.migrations] == [
+            m.version for m in load_migrations() if m.version > 5
+        ]
+        assert todo.function_files == tuple(f.name for f in load_function_files())
         assert await migrate(db) == [m.version for m in load_migrations() if m.version > 5]
         await check_schema(db)
+        assert (await plan(db)).up_to_date
 
     after = sql_exec(
         empty_db,
@@ -113,12 +128,21 @@ async def test_a_database_of_the_previous_version_upgrades_locked_down(
         # Row-level security is on, and the upgrade gave the old worker its policy.
         assert conn.execute("SELECT count(*) AS n FROM embedding_queue").fetchone() == {"n": 5}
 
-    # The old worker role drains the queue as before.
+    # A bulk insert now takes the current path (one inbox row, not 1,000 queue rows), and the
+    # old worker role drains everything: the rows queued before the upgrade and the new ones.
+    sql_exec(
+        empty_db,
+        "INSERT INTO docs (id, body) SELECT i, 'new text ' || i FROM generate_series(6, 1005) i",
+    )
+    assert sql_exec(empty_db, "SELECT count(*) AS n FROM embedding_queue_inbox") == [{"n": 1}]
     with FakeOpenAIServer(dims=DIMS) as fake:
         async with Database(roles.dsn(empty_db, worker)) as db, make_provider(fake) as provider:
             with anyio.fail_after(60):
                 summary = await Worker(db, provider, worker_config()).run("drain")
-    assert summary.processed == 5
+    assert summary.processed == 1005
+    assert sql_exec(empty_db, "SELECT status, count(*) AS n FROM embedding_queue GROUP BY 1") == [
+        {"status": "done", "n": 1005}
+    ]
     rows = sql_exec(empty_db, "SELECT id, body, embedding FROM docs ORDER BY id")
     for row in rows:
         np.testing.assert_allclose(
