@@ -59,6 +59,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_DB = 3
+EXIT_ABORTED = 130
 
 
 class UsageError(QueueProcessorError):
@@ -335,7 +336,7 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     if mode != "continuous" or worker.aborted:
         _print_summary(summary)
     if worker.aborted:
-        return 130
+        return EXIT_ABORTED
     if mode == "continuous":
         # A service stopped by SIGTERM stopped as asked; failed items are in the queue.
         return EXIT_OK
@@ -935,9 +936,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"queue-processor: {exc}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_ABORTED
     return result
 
 
 async def _call(func: Command, args: argparse.Namespace, settings: Settings) -> int:
-    return await func(args, settings)
+    """Run one command. SIGTERM ends it as Ctrl-C does (``run`` has its own graceful
+    handling): the command is cancelled, so a statement in progress is cancelled in the
+    server too, instead of the process dying while its backend finishes (and commits) it."""
+    if func is cmd_run:
+        return await func(args, settings)
+    terminated = False
+    result = EXIT_ABORTED
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def on_sigterm() -> None:
+                nonlocal terminated
+                with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        terminated = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(on_sigterm)
+            result = await func(args, settings)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The task group wraps what the command raised; main() acts on our error types.
+        error = caller_error(group)
+        if error is None:
+            raise
+        raise error from error.__cause__
+    return EXIT_ABORTED if terminated else result

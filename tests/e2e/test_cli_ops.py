@@ -13,6 +13,7 @@ history would have left them; the commands under test never see the difference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -587,7 +588,16 @@ def test_status_watch_redraws_on_a_terminal_until_ctrl_c(dsn: str, env: dict[str
         read_until(b"zebra")
         read_until(b"embedding_queue", 3)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
+        # Keep reading the terminal meanwhile: a terminal nobody reads fills up, and a
+        # redraw blocked in write() cannot notice the signal (a real terminal always reads).
+        deadline = time.monotonic() + 30  # liveness bound only
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "status --watch did not exit on Ctrl-C"
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                with contextlib.suppress(OSError):
+                    os.read(master, 65536)
+        assert proc.returncode == 130
         assert proc.stderr is not None
         stderr = proc.stderr.read()
     finally:
