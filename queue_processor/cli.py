@@ -49,8 +49,8 @@ from queue_processor.worker import (
     RunSummary,
     Worker,
     WorkerConfig,
-    caller_error,
     default_owner,
+    unwrapped_errors,
 )
 
 log = structlog.get_logger(__name__)
@@ -325,14 +325,8 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                 provider=provider.name,
                 model=provider.model,
             )
-            try:
+            with unwrapped_errors():
                 summary = await _run_worker(worker, mode, notifier, progress, poller, config)
-            except BaseExceptionGroup as group:
-                # anyio wraps what the task group raised; main() acts on our error types.
-                error = caller_error(group)
-                if error is None:
-                    raise
-                raise error from error.__cause__
     if mode != "continuous" or worker.aborted:
         _print_summary(summary)
     if worker.aborted:
@@ -948,7 +942,7 @@ async def _call(func: Command, args: argparse.Namespace, settings: Settings) -> 
         return await func(args, settings)
     terminated = False
     result = EXIT_ABORTED
-    try:
+    with unwrapped_errors():
         async with anyio.create_task_group() as tg:
 
             async def on_sigterm() -> None:
@@ -962,10 +956,4 @@ async def _call(func: Command, args: argparse.Namespace, settings: Settings) -> 
             tg.start_soon(on_sigterm)
             result = await func(args, settings)
             tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The task group wraps what the command raised; main() acts on our error types.
-        error = caller_error(group)
-        if error is None:
-            raise
-        raise error from error.__cause__
     return EXIT_ABORTED if terminated else result

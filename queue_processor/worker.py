@@ -22,7 +22,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -215,32 +216,25 @@ class Worker:
             self._stop_event.set()
         self._claims_closed = False
         self.summary = RunSummary()
-        try:
-            with anyio.CancelScope() as run_scope:
-                self._run_scope = run_scope
-                async with anyio.create_task_group() as side:
-                    side.start_soon(self._renew_loop)
-                    if mode == "continuous":
-                        side.start_soon(self._listen_loop)
-                    async with anyio.create_task_group() as batches:
-                        await self._claim_loop(batches, mode)
-                        if self._stop_requested and self._inflight:
-                            log.info(
-                                "worker_stopping",
-                                in_flight=sum(map(len, self._inflight.values())),
-                                grace_s=self._config.shutdown_grace_seconds,
-                            )
-                            with anyio.move_on_after(self._config.shutdown_grace_seconds):
-                                while self._inflight:
-                                    await self._wait_changed()
-                            batches.cancel_scope.cancel()
-                    side.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # Task groups wrap what a batch raised; callers (the CLI) act on our error types.
-            error = caller_error(group)
-            if error is None:
-                raise
-            raise error from error.__cause__
+        with unwrapped_errors(), anyio.CancelScope() as run_scope:
+            self._run_scope = run_scope
+            async with anyio.create_task_group() as side:
+                side.start_soon(self._renew_loop)
+                if mode == "continuous":
+                    side.start_soon(self._listen_loop)
+                async with anyio.create_task_group() as batches:
+                    await self._claim_loop(batches, mode)
+                    if self._stop_requested and self._inflight:
+                        log.info(
+                            "worker_stopping",
+                            in_flight=sum(map(len, self._inflight.values())),
+                            grace_s=self._config.shutdown_grace_seconds,
+                        )
+                        with anyio.move_on_after(self._config.shutdown_grace_seconds):
+                            while self._inflight:
+                                await self._wait_changed()
+                        batches.cancel_scope.cancel()
+                side.cancel_scope.cancel()
         self.summary.finished_at = time.monotonic()
         return self.summary
 
@@ -693,6 +687,20 @@ class Worker:
     async def _wait_changed(self) -> None:
         await self._changed.wait()
         self._changed = anyio.Event()
+
+
+@contextmanager
+def unwrapped_errors() -> Iterator[None]:
+    """Re-raise the one error an anyio task group wrapped in a BaseExceptionGroup (see
+    ``caller_error``), so callers act on our error types; several unrelated errors stay
+    grouped."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error = caller_error(group)
+        if error is None:
+            raise
+        raise error from error.__cause__
 
 
 def caller_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
