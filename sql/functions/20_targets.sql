@@ -1,6 +1,6 @@
 -- functions/20_targets: the target registry's SQL API (register, unregister, backfill) and
 -- the generator of the per-target enqueue triggers. See 10_queue.sql for how these files
--- are applied and why every function pins search_path FROM CURRENT.
+-- are applied and why every function pins search_path = pg_catalog, pg_temp.
 --
 -- Every identifier reaching dynamic SQL goes through format('%I') or comes from the catalog;
 -- values go through format('%L'); type names go through regtype.
