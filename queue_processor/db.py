@@ -405,8 +405,13 @@ class Database:
 
     async def has_function_hashes(self, conn: psycopg.AsyncConnection[Row]) -> bool:
         """Whether the queue schema records applied function files (migration 0006 on)."""
+        return await self._installed(conn, "queue_processor_functions")
+
+    async def _installed(self, conn: psycopg.AsyncConnection[Row], relation: str) -> bool:
         row = await self.fetch_one(
-            conn, self.statement("function_hashes_installed"), {"schema": self.schema}
+            conn,
+            self.statement("relation_installed"),
+            {"schema": self.schema, "relation": relation},
         )
         return bool(row and row["installed"])
 
@@ -440,10 +445,7 @@ class Database:
 
     async def schema_version(self, conn: psycopg.AsyncConnection[Row]) -> int | None:
         """The newest applied migration, or None when the schema is not installed."""
-        installed = await self.fetch_one(
-            conn, self.statement("schema_installed"), {"schema": self.schema}
-        )
-        if installed is None or not installed["installed"]:
+        if not await self._installed(conn, "queue_processor_migrations"):
             return None
         row = await self.fetch_one(conn, self.statement("schema_version"))
         if row is None or row["version"] is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -88,6 +89,12 @@ def load_migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def stale_function_files(applied: Mapping[str, str]) -> list[FunctionFile]:
+    """The function files whose text differs from what the database last applied
+    (``applied``: SHA-256 by file name, as recorded in queue_processor_functions)."""
+    return [f for f in load_function_files() if applied.get(f.name) != f.sha256]
+
+
 def latest_version() -> int:
     """The schema version this package expects."""
     return load_migrations()[-1].version
@@ -115,9 +122,8 @@ async def migrate(db: Database, *, allow_unsafe_schema: bool = False) -> list[in
                 await db.apply_migration(conn, migration.version, migration.name, migration.sql)
                 log.info("migration_applied", version=migration.version, name=migration.name)
                 applied.append(migration.version)
-            files = load_function_files()
-            current = await db.function_hashes(conn)
-            if applied or any(current.get(f.name) != f.sha256 for f in files):
+            if applied or stale_function_files(await db.function_hashes(conn)):
+                files = load_function_files()
                 targets, workers = await db.apply_function_files(
                     conn, [(f.name, f.sql, f.sha256) for f in files]
                 )
@@ -151,9 +157,9 @@ async def plan(db: Database) -> MigrationPlan:
         current = await db.function_hashes(conn) if await db.has_function_hashes(conn) else {}
         creators = await db.schema_creators(conn)
     pending = tuple(m for m in load_migrations() if m.version not in done)
-    files = load_function_files()
-    changed = bool(pending) or any(current.get(f.name) != f.sha256 for f in files)
-    return MigrationPlan(pending, tuple(f.name for f in files) if changed else (), creators)
+    changed = bool(pending) or bool(stale_function_files(current))
+    files = tuple(f.name for f in load_function_files()) if changed else ()
+    return MigrationPlan(pending, files, creators)
 
 
 def _unsafe_schema(schema: str, creators: str, *, allowed: bool) -> None:
@@ -190,7 +196,7 @@ async def check_schema(db: Database) -> None:
         )
     async with db.connection(autocommit=True) as conn:
         applied = await db.function_hashes(conn)
-    stale = [f.name for f in load_function_files() if applied.get(f.name) != f.sha256]
+    stale = [f.name for f in stale_function_files(applied)]
     if stale:
         raise ConfigurationError(
             f"the queue's functions differ from this queue_processor's ({', '.join(stale)}): "

@@ -29,11 +29,6 @@ SELECT coalesce(string_agg(CASE a.grantee WHEN 0 THEN 'PUBLIC'
  WHERE n.nspname = %(schema)s::text AND a.privilege_type = 'CREATE'
    AND a.grantee <> n.nspowner;
 
--- name: function_hashes_installed
--- Whether the function files' record exists in the queue schema (migration 0006 on).
-SELECT to_regclass(format('%%I.queue_processor_functions', %(schema)s::text)) IS NOT NULL
-       AS installed;
-
 -- name: function_hashes
 -- The function files as last applied (sql/functions; the table exists from 0006 on).
 SELECT file, sha256 FROM {qs}.queue_processor_functions;
@@ -59,9 +54,10 @@ SELECT version FROM {qs}.queue_processor_migrations ORDER BY version;
 -- Mark one migration applied (same transaction as its DDL).
 INSERT INTO {qs}.queue_processor_migrations (version, name) VALUES (%(version)s, %(name)s);
 
--- name: schema_installed
--- Whether the migrations table exists in the queue schema.
-SELECT to_regclass(format('%%I.queue_processor_migrations', %(schema)s::text)) IS NOT NULL
+-- name: relation_installed
+-- Whether a table of ours exists in the queue schema (queue_processor_migrations: the schema
+-- is installed; queue_processor_functions: migration 0006 has run).
+SELECT to_regclass(format('%%I.%%I', %(schema)s::text, %(relation)s::text)) IS NOT NULL
        AS installed;
 
 -- name: schema_version

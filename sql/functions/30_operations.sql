@@ -106,9 +106,10 @@ $$;
 --    and the worker roles. Default privileges (e.g. Supabase's `GRANT ALL ON TABLES/FUNCTIONS
 --    TO anon, authenticated`) give new tables' TRUNCATE, TRIGGER and REFERENCES to roles that
 --    row-level security does not stop, and EXECUTE on new functions to them (RPC); and
---    PostgreSQL gives EXECUTE on every new function to PUBLIC. embedding_queue_is_blank keeps
---    PUBLIC's EXECUTE: the blank-content triggers' WHEN clauses call it as whichever role
---    writes a registered table, and it is a pure function of its argument. Registering a
+--    PostgreSQL gives EXECUTE on every new function to PUBLIC (embedding_queue_make_private
+--    takes both). embedding_queue_is_blank keeps its grants: the blank-content triggers'
+--    WHEN clauses call it as whichever role writes a registered table, and it is a pure
+--    function of its argument. Registering a
 --    table from another role than the owner needs EXECUTE granted by the owner;
 -- 3. re-grant every worker role under the current rules (an upgrade from a version that
 --    granted UPDATE on the whole queue narrows it to the lease columns).
@@ -123,24 +124,21 @@ DECLARE
 BEGIN
     targets := @qs@.embedding_regenerate_targets();
     FOR object, grantee IN
-        SELECT DISTINCT 'TABLE ' || c.oid::regclass::text,
+        SELECT DISTINCT c.oid::regclass::text,
                         CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
           FROM pg_class AS c, aclexplode(c.relacl) AS a
          WHERE c.relnamespace = ns AND c.relkind IN ('r', 'p', 'v')
            AND (c.relname LIKE 'embedding\_%' OR c.relname LIKE 'queue\_processor\_%')
            AND a.grantee <> c.relowner
            AND a.grantee NOT IN (SELECT @qs@.embedding_worker_roles())
-        UNION
-        SELECT DISTINCT 'FUNCTION ' || p.oid::regprocedure::text,
-                        CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
-          FROM pg_proc AS p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
-         WHERE p.pronamespace = ns
-           AND (p.proname LIKE 'embedding\_%' OR p.proname LIKE 'queue\_processor\_%')
-           AND a.grantee <> p.proowner
-           AND NOT (a.grantee = 0 AND p.oid = '@qs@.embedding_queue_is_blank(text)'::regprocedure)
     LOOP
-        EXECUTE format('REVOKE ALL ON %s FROM %s', object, grantee);
+        EXECUTE format('REVOKE ALL ON TABLE %s FROM %s', object, grantee);
     END LOOP;
+    PERFORM @qs@.embedding_queue_make_private(p.oid::regprocedure)
+       FROM pg_proc AS p
+      WHERE p.pronamespace = ns
+        AND (p.proname LIKE 'embedding\_%' OR p.proname LIKE 'queue\_processor\_%')
+        AND p.oid <> '@qs@.embedding_queue_is_blank(text)'::regprocedure;
     workers := 0;
     FOR r IN SELECT @qs@.embedding_worker_roles() LOOP
         PERFORM @qs@.embedding_grant_worker((SELECT rolname FROM pg_roles WHERE oid = r::oid));

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,13 +23,35 @@ EXIT_ABORTED = 130
 
 
 @pytest.fixture
-def env(dsn: str) -> dict[str, str]:
+def env(dsn: str) -> Iterator[dict[str, str]]:
     with FakeOpenAIServer(dims=DIMS) as server:
-        return cli_env(dsn, server)
+        yield cli_env(dsn, server)
 
 
-def wait_until(check: object, what: str, timeout_s: float = 60) -> None:
-    assert callable(check)
+def start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [QUEUE_PROCESSOR, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def signal_and_wait(proc: subprocess.Popen[str], sig: signal.Signals) -> str:
+    """Send ``sig``, wait for the exit (a liveness bound) and return stderr; the process is
+    killed if anything fails on the way."""
+    try:
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return stderr
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -52,21 +75,11 @@ def test_a_signal_cancels_enqueue_in_the_server_too(
     execute(dsn, "CREATE TABLE big (id bigint PRIMARY KEY, body text, embedding real[])")
     execute(dsn, f"INSERT INTO big SELECT g, 'text ' || g FROM generate_series(1, {ROWS}) g")
     register(dsn, "big", companions=False)
-    proc = subprocess.Popen(
-        [QUEUE_PROCESSOR, "enqueue", "big", "--all"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(env, "enqueue", "big", "--all")
     try:
         wait_until(lambda: active_backfill(dsn), "the backfill statement to run")
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stderr = signal_and_wait(proc, sig)
     assert proc.returncode == EXIT_ABORTED, stderr
     assert "Traceback" not in stderr
     # The statement was cancelled in the server, not left to finish and commit.
@@ -77,22 +90,12 @@ def test_a_signal_cancels_enqueue_in_the_server_too(
 def test_sigterm_ends_status_watch(dsn: str, env: dict[str, str]) -> None:
     execute(dsn, "CREATE TABLE docs (id bigint PRIMARY KEY, body text, embedding real[])")
     register(dsn, "docs", companions=False)
-    proc = subprocess.Popen(
-        [QUEUE_PROCESSOR, "status", "--watch", "--interval", "0.1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(env, "status", "--watch", "--interval", "0.1")
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # a refresh has been printed: it is watching
-        assert first, "status --watch printed nothing"
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stderr = signal_and_wait(proc, signal.SIGTERM)
+    assert first, "status --watch printed nothing"
     assert proc.returncode == EXIT_ABORTED, stderr
     assert "Traceback" not in stderr
