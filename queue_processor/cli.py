@@ -21,12 +21,15 @@ import structlog
 from pydantic import ValidationError
 
 from queue_processor import __version__, queue, render
-from queue_processor.db import Database, StatementFailed
+from queue_processor.db import Database
 from queue_processor.errors import (
+    EXIT_ABORTED,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
     ConfigurationError,
-    DatabaseUnavailable,
-    PermanentError,
     QueueProcessorError,
+    UsageError,
 )
 from queue_processor.logconfig import configure_logging
 from queue_processor.metrics import HealthCheck, Metrics, QueueDepthPoller, all_of, progress_check
@@ -54,17 +57,6 @@ from queue_processor.worker import (
 )
 
 log = structlog.get_logger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_DB = 3
-EXIT_ABORTED = 130
-
-
-class UsageError(QueueProcessorError):
-    """The command line asks for something that cannot be done (exit 2)."""
-
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -917,18 +909,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         result: int = anyio.run(_call, func, args, settings)
-    except (ConfigurationError, UsageError, StatementFailed) as exc:
-        sys.stderr.write(f"queue-processor: {exc}\n")
-        return EXIT_CONFIG
-    except DatabaseUnavailable as exc:
-        sys.stderr.write(f"queue-processor: {exc}\n")
-        return EXIT_DB
-    except PermanentError as exc:
-        sys.stderr.write(f"queue-processor: {exc}\n")
-        return EXIT_FAILED
     except QueueProcessorError as exc:
         sys.stderr.write(f"queue-processor: {exc}\n")
-        return EXIT_FAILED
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_ABORTED
     return result

@@ -30,7 +30,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from queue_processor import queries
-from queue_processor.errors import ConfigurationError, DatabaseUnavailable, PermanentError
+from queue_processor.errors import ConfigurationError, DatabaseUnavailable, StatementFailed
 
 log = structlog.get_logger(__name__)
 
@@ -52,14 +52,6 @@ _RETRYABLE_SQLSTATES = frozenset(
         "53300",  # too_many_connections
     }
 )
-
-
-class StatementFailed(PermanentError):
-    """The database rejected a statement (bad data, dropped column, permissions...)."""
-
-    def __init__(self, message: str, *, sqlstate: str | None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
 
 
 class Float4ArrayDumper(Dumper):

@@ -34,8 +34,8 @@ from rich.table import Table
 from rich.text import Text
 
 from queue_processor import queue
-from queue_processor.db import Database, Row, StatementFailed, float4_array, statement
-from queue_processor.errors import ConfigurationError, PermanentError
+from queue_processor.db import Database, Row, float4_array, statement
+from queue_processor.errors import ConfigurationError, PermanentError, StatementFailed
 from queue_processor.migrations import migrate
 from queue_processor.providers.base import EmbeddingProvider, Vector
 from queue_processor.worker import BatchReport, RunSummary, Worker, WorkerConfig

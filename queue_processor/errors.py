@@ -1,31 +1,48 @@
-"""One exception tree, split by what the caller does next.
+"""One exception tree, split by what the caller does next; each class knows its exit code.
 
 ```
-QueueProcessorError
-├── ConfigurationError        stop the process: bad settings, 401/403, unknown model,
-│                             outdated schema, no provider configured
-├── TransientError            retry later: the item goes back to pending with a backoff
-│   ├── ProviderUnavailable   429 / 5xx / timeout / connection error after in-call retries
-│   └── DatabaseUnavailable   connection lost, deadlock, serialization failure
-└── PermanentError            fail this item (or this input) with a message
-    ├── InputRejected         the provider refused one input (400: too long, invalid)
-    ├── InvalidEmbedding      wrong dimension, NaN/inf, missing vector in a response
-    └── UnregisteredTarget    a queue row names a (table, column) that is not registered
+QueueProcessorError (exit 1)
+├── ConfigurationError (exit 2)   stop the process: bad settings, 401/403, unknown model,
+│   │                             outdated schema, no provider configured
+│   └── UsageError (exit 2)       a command line that cannot be run as given
+├── TransientError (exit 1)       retry later: the item goes back to pending with a backoff
+│   ├── ProviderUnavailable       429 / 5xx / timeout / connection error after in-call retries
+│   └── DatabaseUnavailable (3)   connection lost, deadlock, serialization failure
+└── PermanentError (exit 1)       fail this item (or this input) with a message
+    ├── StatementFailed (exit 2)  the database rejected a statement (keeps the SQLSTATE)
+    └── InvalidRecordId           a queue row's record_id cannot be a key of its target
 ```
 
 Errors are translated at the edge (db.py for psycopg, providers for httpx) and keep the
-original exception as ``__cause__``. No message ever contains an API key.
+original exception as ``__cause__``. No message ever contains an API key. The command line
+exits with ``exit_code`` of the error that ended a command (``EXIT_ABORTED`` on a signal).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_DB = 3
+EXIT_ABORTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class QueueProcessorError(Exception):
     """Base of every error raised by queue_processor."""
 
+    exit_code: ClassVar[int] = EXIT_FAILED
+
 
 class ConfigurationError(QueueProcessorError):
     """The process cannot do useful work until an operator changes something: stop."""
+
+    exit_code: ClassVar[int] = EXIT_CONFIG
+
+
+class UsageError(ConfigurationError):
+    """A command's arguments cannot be acted on (missing option, bad id range...)."""
 
 
 class TransientError(QueueProcessorError):
@@ -46,18 +63,25 @@ class ProviderUnavailable(TransientError):
 class DatabaseUnavailable(TransientError):
     """The database connection failed or a transaction must be retried."""
 
+    exit_code: ClassVar[int] = EXIT_DB
+
 
 class PermanentError(QueueProcessorError):
     """This item can never succeed as it is: mark it failed with the message."""
 
 
-class InputRejected(PermanentError):
-    """The provider rejected one input (HTTP 400 and similar)."""
+class StatementFailed(PermanentError):
+    """The database rejected a statement (bad data, dropped column, permissions...).
+
+    For a command this is an operator's problem to fix (exit 2); inside a batch it fails the
+    items whose write was rejected."""
+
+    exit_code: ClassVar[int] = EXIT_CONFIG
+
+    def __init__(self, message: str, *, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
-class InvalidEmbedding(PermanentError):
-    """A vector failed validation: wrong dimension, non-finite values, or missing."""
-
-
-class UnregisteredTarget(PermanentError):
-    """A queue row names a table/column pair that is not in the target registry."""
+class InvalidRecordId(PermanentError):
+    """A queue row's record_id cannot be a key of its target's type."""

@@ -15,7 +15,7 @@ import numpy as np
 from psycopg import sql
 
 from queue_processor.db import statement
-from queue_processor.errors import PermanentError
+from queue_processor.errors import InvalidRecordId
 from queue_processor.models import ColumnType, IdType, Target
 
 # SQL type names for the key parameter cast, by registry id_type.
@@ -32,10 +32,6 @@ _INT_RANGES: dict[IdType, tuple[int, int]] = {
     "integer": (-(2**31), 2**31 - 1),
     "bigint": (-(2**63), 2**63 - 1),
 }
-
-
-class InvalidRecordId(PermanentError):
-    """A queue row's record_id cannot be a key of its target's type."""
 
 
 def parse_record_id(target: Target, record_id: str) -> str:

@@ -32,11 +32,12 @@ import anyio.abc
 import structlog
 
 from queue_processor import queue
-from queue_processor.db import Database, StatementFailed
+from queue_processor.db import Database
 from queue_processor.errors import (
     ConfigurationError,
     DatabaseUnavailable,
     PermanentError,
+    StatementFailed,
     TransientError,
 )
 from queue_processor.models import (

@@ -36,13 +36,15 @@ class EmbedResult:
     input ``i`` or None; for every None there is an entry
     ``errors[i]`` with a permanent, human-readable reason (never containing secrets).
     ``tokens`` is the usage the server reported (estimated where it reported none) and
-    ``requests`` counts HTTP requests made, including retries and split requests.
+    ``requests`` counts HTTP requests made, including retries and split requests;
+    ``cached`` counts inputs served from a cache instead of the backend.
     """
 
     vectors: list[Vector | None]
     errors: dict[int, str] = field(default_factory=dict)
     tokens: int = 0
     requests: int = 0
+    cached: int = 0
 
 
 class EmbeddingProvider(abc.ABC):
