@@ -8,14 +8,20 @@ translates driver errors into queue_processor's exception tree:
 
 - connection loss, pool timeouts, deadlocks and serialization failures -> DatabaseUnavailable
 - any other error raised by a statement -> StatementFailed (keeps the SQLSTATE)
+
+Statements come from queries.sql by name (``statement``). Identifiers reach SQL only here,
+through ``psycopg.sql.Identifier``: callers fill a statement's ``{slots}`` with plain names
+(``"docs"``), qualified names (``("app", "docs")``) or fragments built by this module (another
+named block, a ``type_modifier``, a ``builtin_type``, a ``joined`` list), never with SQL text.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +44,11 @@ Row = dict[str, Any]
 Connection = psycopg.AsyncConnection[Row]
 Params = Mapping[str, Any]
 Query = sql.SQL | sql.Composed
+"""A statement or a fragment of one, composed here: callers pass it on, never build one."""
+Slot = str | tuple[str, ...] | Query
+"""What fills a ``{slot}`` of a named statement: a name, a qualified name or a fragment."""
+BuiltinType = Literal["smallint", "integer", "bigint", "uuid", "text", "varchar"]
+"""The built-in type names a statement may be given (the target keys' types)."""
 
 _FLOAT4_OID = 700
 _FLOAT4_ARRAY_OID = 1021
@@ -145,34 +156,61 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def statement(
-    name: str, *, source: str = "queries.sql", **identifiers: str | sql.Composable
-) -> sql.Composed | sql.SQL:
-    """The named statement from queries.sql with its ``{identifier}`` slots filled.
+def statement(name: str, /, *, source: str = "queries.sql", **slots: Slot) -> Query:
+    """The named statement (or fragment) of ``source`` with its ``{slot}`` placeholders filled.
 
-    Plain strings are wrapped in ``sql.Identifier``; pass ``sql.SQL`` for fragments the caller
-    built from the target registry (never from queue row values).
+    A string becomes an identifier, a tuple a qualified identifier (``("app", "docs")`` ->
+    ``"app"."docs"``); a ``Query`` (another named block, or a fragment made by the helpers
+    below) is inserted as it is.
     """
     text = sql.SQL(queries.get(name, source))
-    if not identifiers:
+    if not slots:
         return text
-    filled = {k: sql.Identifier(v) if isinstance(v, str) else v for k, v in identifiers.items()}
-    return text.format(**filled)
+    return text.format(**{key: _composable(value) for key, value in slots.items()})
+
+
+def _composable(value: Slot) -> sql.Composable:
+    if isinstance(value, str):
+        return sql.Identifier(value)
+    if isinstance(value, tuple):
+        return sql.Identifier(*value)
+    return value
+
+
+def type_modifier(value: int) -> Query:
+    """A type modifier such as the 384 of ``vector(384)`` (it cannot be a bound parameter):
+    an integer literal (the type itself checks its range)."""
+    # operator.index: any integer type, never a float or a text (TypeError).
+    return sql.SQL("{}").format(sql.Literal(operator.index(value)))
+
+
+_BUILTIN_TYPES: frozenset[str] = frozenset(get_args(BuiltinType))
+
+
+def builtin_type(name: BuiltinType) -> Query:
+    """A built-in type's name, e.g. for a key parameter's cast (``%(ids)s::{id_type}[]``).
+    These are SQL keywords or pg_catalog's types; anything else is refused."""
+    if name not in _BUILTIN_TYPES:
+        raise ValueError(f"not a built-in type this package uses: {name!r}")
+    return sql.SQL(name)
+
+
+def joined(parts: Iterable[Query], separator: Literal[", ", ""] = ", ") -> Query:
+    """Fragments in a row: a comma-separated list, or (``separator=""``) one after another."""
+    return sql.SQL(separator).join(parts)
 
 
 def ensure_database(admin_dsn: str, name: str, *, extensions: Sequence[str] = ()) -> str:
     """Create database ``name`` (and extensions in it) if missing; return its DSN."""
     with translate_errors():
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            found = conn.execute(statement("database_exists"), {"name": name}).fetchone()
             if not found:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                conn.execute(statement("create_database", database=name))
         dsn = conninfo.make_conninfo(admin_dsn, dbname=name)
         with psycopg.connect(dsn, autocommit=True) as conn:
             for ext in extensions:
-                conn.execute(
-                    sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext))
-                )
+                conn.execute(statement("create_extension", extension=ext))
     return dsn
 
 
@@ -238,10 +276,10 @@ class Database:
             conn.adapters.register_dumper(VectorBatch, _vector_array_dumper(*found))
         await conn.commit()
 
-    def statement(self, name: str, **identifiers: str | sql.Composable) -> Query:
+    def statement(self, name: str, /, **slots: Slot) -> Query:
         """The named statement of queries.sql, its ``{qs}`` (the queue schema) and other
-        ``{identifier}`` slots filled (see ``statement``)."""
-        return statement(name, source="queries.sql", qs=self.schema, **identifiers)
+        ``{slots}`` filled (see ``statement``)."""
+        return statement(name, source="queries.sql", qs=self.schema, **slots)
 
     async def open(self) -> None:
         """Open the pool and wait until one connection works."""
@@ -284,7 +322,7 @@ class Database:
                 connect_timeout=max(1, int(self._connect_timeout_seconds)),
             )
             async with conn:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                await conn.execute(statement("listen", channel=channel))
                 on_notify()  # anything queued while we were not listening
                 async for _ in conn.notifies():
                     on_notify()
@@ -339,7 +377,7 @@ class Database:
             async with conn.cursor() as cur:
                 await cur.executemany(query, params_seq)
 
-    # --- migrations -------------------------------------------------------------------
+    # --- trusted DDL: migrations and function files ----------------------------------
 
     async def advisory_lock(self, conn: psycopg.AsyncConnection[Row], key: str) -> None:
         """Block until this session holds the advisory lock named ``key``."""
@@ -349,97 +387,28 @@ class Database:
         """Release the advisory lock named ``key``."""
         await self.execute(conn, self.statement("advisory_unlock"), {"key": key})
 
-    async def execute_script(self, conn: psycopg.AsyncConnection[Row], script: str) -> None:
-        """Run trusted DDL shipped with the package (no parameters) in the queue schema."""
+    @asynccontextmanager
+    async def ddl_transaction(self, conn: psycopg.AsyncConnection[Row]) -> AsyncIterator[None]:
+        """A transaction (on an autocommit connection) whose search_path puts the queue schema
+        first, so that the unqualified CREATEs of the migrations land there (``migrate``
+        refuses a schema in which any role but its owner may create objects)."""
         with translate_errors():
-            # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
-            # exists; ask first so a role that owns only its schema can migrate.
-            cur = await conn.execute(self.statement("schema_exists"), {"schema": self.schema})
-            if not (await cur.fetchone() or {}).get("found"):
+            async with conn.transaction():
                 await conn.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
+                    self.statement("set_local_search_path"),
+                    {"path": f"{_quote_ident(self.schema)}, pg_catalog, pg_temp"},
                 )
-            async with conn.transaction():
-                await self._ddl_search_path(conn)
-                await conn.execute(script)
+                yield
 
-    async def _ddl_search_path(self, conn: psycopg.AsyncConnection[Row]) -> None:
-        """For the current transaction: the queue schema first, so that the unqualified
-        CREATEs of the migrations land there (``migrate`` refuses a schema in which any role
-        but its owner may create objects)."""
-        await conn.execute(
-            self.statement("set_local_search_path"),
-            {"path": f"{_quote_ident(self.schema)}, pg_catalog, pg_temp"},
-        )
-
-    async def applied_migrations(self, conn: psycopg.AsyncConnection[Row]) -> set[int]:
-        """Versions recorded in queue_processor_migrations."""
-        rows = await self.fetch_all(conn, self.statement("applied_migrations"))
-        return {int(r["version"]) for r in rows}
-
-    async def apply_migration(
-        self, conn: psycopg.AsyncConnection[Row], version: int, name: str, script: str
-    ) -> None:
-        """Apply one migration file and record it, in a single transaction."""
-        with translate_errors():
-            async with conn.transaction():
-                await self._ddl_search_path(conn)
-                await conn.execute(script)
-                await conn.execute(
-                    self.statement("record_migration"), {"version": version, "name": name}
+    async def run_script(self, conn: psycopg.AsyncConnection[Row], script: str) -> None:
+        """Run trusted SQL shipped with the package (a migration or function file; no
+        parameters), its ``@qs@`` placeholders replaced by the queue schema's quoted name."""
+        if "@qs@" in script:
+            if "'" in self.schema:
+                # The function files also write @qs@ inside literals ('@qs@.t'::regclass).
+                raise ConfigurationError(
+                    f"the queue schema's name may not hold a quote: {self.schema!r}"
                 )
-
-    async def schema_creators(self, conn: psycopg.AsyncConnection[Row]) -> str:
-        """The roles other than its owner that may CREATE in the queue schema, comma
-        separated (``PUBLIC`` for every role); empty when there are none."""
-        row = await self.fetch_one(conn, self.statement("schema_creators"), {"schema": self.schema})
-        return str(row["roles"]) if row else ""
-
-    async def has_function_hashes(self, conn: psycopg.AsyncConnection[Row]) -> bool:
-        """Whether the queue schema records applied function files (migration 0006 on)."""
-        return await self._installed(conn, "queue_processor_functions")
-
-    async def _installed(self, conn: psycopg.AsyncConnection[Row], relation: str) -> bool:
-        row = await self.fetch_one(
-            conn,
-            self.statement("relation_installed"),
-            {"schema": self.schema, "relation": relation},
-        )
-        return bool(row and row["installed"])
-
-    async def function_hashes(self, conn: psycopg.AsyncConnection[Row]) -> dict[str, str]:
-        """SHA-256 of each function file as last applied, by file name (empty before 0006)."""
-        rows = await self.fetch_all(conn, self.statement("function_hashes"))
-        return {str(r["file"]): str(r["sha256"]) for r in rows}
-
-    async def apply_function_files(
-        self, conn: psycopg.AsyncConnection[Row], files: Sequence[tuple[str, str, str]]
-    ) -> tuple[int, int]:
-        """Apply ``(name, sql, sha256)`` function files in one transaction, record them, and
-        regenerate targets and worker grants; return (targets, worker roles) refreshed."""
-        if "'" in self.schema:
-            raise ConfigurationError(
-                f"the queue schema's name may not hold a quote: {self.schema!r}"
-            )
+            script = script.replace("@qs@", _quote_ident(self.schema))
         with translate_errors():
-            async with conn.transaction():
-                await self._ddl_search_path(conn)
-                for name, script, sha256 in files:
-                    # The files name every object of ours as @qs@.name (see 10_queue.sql).
-                    await conn.execute(script.replace("@qs@", _quote_ident(self.schema)))
-                    await conn.execute(
-                        self.statement("record_function_file"), {"file": name, "sha256": sha256}
-                    )
-                cur = await conn.execute(self.statement("refresh_installed"))
-                row = await cur.fetchone()
-        assert row is not None
-        return int(row["targets"]), int(row["workers"])
-
-    async def schema_version(self, conn: psycopg.AsyncConnection[Row]) -> int | None:
-        """The newest applied migration, or None when the schema is not installed."""
-        if not await self._installed(conn, "queue_processor_migrations"):
-            return None
-        row = await self.fetch_one(conn, self.statement("schema_version"))
-        if row is None or row["version"] is None:
-            return None
-        return int(row["version"])
+            await conn.execute(script)

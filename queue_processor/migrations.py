@@ -11,13 +11,17 @@ at once take turns instead of colliding. The files ship inside the wheel
 
 ``migrate`` refuses a queue schema in which a role other than its owner may CREATE: the
 migrations' DDL runs with that schema first on the search_path (SECURITY.md).
+
+The repository functions below (``applied_migrations``, ``apply_migration``,
+``schema_version``, ...) read and record that history through the ``Database`` adapter, by
+the names of their statements in queries.sql.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import structlog
 
-from queue_processor.db import Database
+from queue_processor.db import Connection, Database
 from queue_processor.errors import ConfigurationError
 
 log = structlog.get_logger(__name__)
@@ -111,22 +115,20 @@ async def migrate(db: Database, *, allow_unsafe_schema: bool = False) -> list[in
     async with db.connection(autocommit=True) as conn:
         await db.advisory_lock(conn, "queue_processor.migrate")
         try:
-            await db.execute_script(conn, _VERSION_TABLE)
-            creators = await db.schema_creators(conn)
+            await create_version_table(db, conn)
+            creators = await schema_creators(db, conn)
             if creators:
                 _unsafe_schema(db.schema, creators, allowed=allow_unsafe_schema)
-            done = await db.applied_migrations(conn)
+            done = await applied_migrations(db, conn)
             for migration in load_migrations():
                 if migration.version in done:
                     continue
-                await db.apply_migration(conn, migration.version, migration.name, migration.sql)
+                await apply_migration(db, conn, migration)
                 log.info("migration_applied", version=migration.version, name=migration.name)
                 applied.append(migration.version)
-            if applied or stale_function_files(await db.function_hashes(conn)):
+            if applied or stale_function_files(await function_hashes(db, conn)):
                 files = load_function_files()
-                targets, workers = await db.apply_function_files(
-                    conn, [(f.name, f.sql, f.sha256) for f in files]
-                )
+                targets, workers = await apply_function_files(db, conn, files)
                 log.info("functions_applied", files=len(files), targets=targets, workers=workers)
         finally:
             await db.advisory_unlock(conn, "queue_processor.migrate")
@@ -152,10 +154,10 @@ class MigrationPlan:
 async def plan(db: Database) -> MigrationPlan:
     """What ``migrate`` would apply, without applying or locking anything."""
     async with db.connection(autocommit=True) as conn:
-        installed = await db.schema_version(conn)
-        done = await db.applied_migrations(conn) if installed is not None else set()
-        current = await db.function_hashes(conn) if await db.has_function_hashes(conn) else {}
-        creators = await db.schema_creators(conn)
+        installed = await schema_version(db, conn)
+        done = await applied_migrations(db, conn) if installed is not None else set()
+        current = await function_hashes(db, conn) if await has_function_hashes(db, conn) else {}
+        creators = await schema_creators(db, conn)
     pending = tuple(m for m in load_migrations() if m.version not in done)
     changed = bool(pending) or bool(stale_function_files(current))
     files = tuple(f.name for f in load_function_files()) if changed else ()
@@ -178,7 +180,7 @@ async def check_schema(db: Database) -> None:
     """Raise ConfigurationError unless the database holds this package's schema version."""
     expected = latest_version()
     async with db.connection(autocommit=True) as conn:
-        current = await db.schema_version(conn)
+        current = await schema_version(db, conn)
     if current is None:
         raise ConfigurationError(
             f"the queue schema is not installed in schema {db.schema!r}: "
@@ -195,13 +197,99 @@ async def check_schema(db: Database) -> None:
             f"({expected}): upgrade queue_processor"
         )
     async with db.connection(autocommit=True) as conn:
-        applied = await db.function_hashes(conn)
+        applied = await function_hashes(db, conn)
     stale = [f.name for f in stale_function_files(applied)]
     if stale:
         raise ConfigurationError(
             f"the queue's functions differ from this queue_processor's ({', '.join(stale)}): "
             "run `queue-processor migrate`"
         )
+
+
+# --- the repository: what the database records of migrations and function files -----------
+
+
+async def create_version_table(db: Database, conn: Connection) -> None:
+    """Create the queue schema (unless it exists) and queue_processor_migrations in it
+    (unless it exists), in a transaction of its own."""
+    # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists;
+    # ask first so a role that owns only its schema can migrate.
+    found = await db.fetch_one(conn, db.statement("schema_exists"), {"schema": db.schema})
+    if not (found or {}).get("found"):
+        await db.execute(conn, db.statement("create_schema"))
+    async with db.ddl_transaction(conn):
+        await db.run_script(conn, _VERSION_TABLE)
+
+
+async def applied_migrations(db: Database, conn: Connection) -> set[int]:
+    """Versions recorded in queue_processor_migrations."""
+    rows = await db.fetch_all(conn, db.statement("applied_migrations"))
+    return {int(r["version"]) for r in rows}
+
+
+async def apply_migration(db: Database, conn: Connection, migration: Migration) -> None:
+    """Apply one migration file and record it, in a single transaction."""
+    async with db.ddl_transaction(conn):
+        await db.run_script(conn, migration.sql)
+        await db.execute(
+            conn,
+            db.statement("record_migration"),
+            {"version": migration.version, "name": migration.name},
+        )
+
+
+async def schema_creators(db: Database, conn: Connection) -> str:
+    """The roles other than its owner that may CREATE in the queue schema, comma separated
+    (``PUBLIC`` for every role); empty when there are none."""
+    row = await db.fetch_one(conn, db.statement("schema_creators"), {"schema": db.schema})
+    return str(row["roles"]) if row else ""
+
+
+async def has_function_hashes(db: Database, conn: Connection) -> bool:
+    """Whether the queue schema records applied function files (migration 0006 on)."""
+    return await _installed(db, conn, "queue_processor_functions")
+
+
+async def _installed(db: Database, conn: Connection, relation: str) -> bool:
+    row = await db.fetch_one(
+        conn, db.statement("relation_installed"), {"schema": db.schema, "relation": relation}
+    )
+    return bool(row and row["installed"])
+
+
+async def function_hashes(db: Database, conn: Connection) -> dict[str, str]:
+    """SHA-256 of each function file as last applied, by file name (empty before 0006)."""
+    rows = await db.fetch_all(conn, db.statement("function_hashes"))
+    return {str(r["file"]): str(r["sha256"]) for r in rows}
+
+
+async def apply_function_files(
+    db: Database, conn: Connection, files: Sequence[FunctionFile]
+) -> tuple[int, int]:
+    """Apply function files in one transaction, record them, and regenerate targets and
+    worker grants; return (targets, worker roles) refreshed."""
+    async with db.ddl_transaction(conn):
+        for file in files:
+            # The files name every object of ours as @qs@.name (see 10_queue.sql).
+            await db.run_script(conn, file.sql)
+            await db.execute(
+                conn,
+                db.statement("record_function_file"),
+                {"file": file.name, "sha256": file.sha256},
+            )
+        row = await db.fetch_one(conn, db.statement("refresh_installed"))
+    assert row is not None
+    return int(row["targets"]), int(row["workers"])
+
+
+async def schema_version(db: Database, conn: Connection) -> int | None:
+    """The newest applied migration, or None when the schema is not installed."""
+    if not await _installed(db, conn, "queue_processor_migrations"):
+        return None
+    row = await db.fetch_one(conn, db.statement("schema_version"))
+    if row is None or row["version"] is None:
+        return None
+    return int(row["version"])
 
 
 _VERSION_TABLE = """

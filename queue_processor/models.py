@@ -15,6 +15,18 @@ STATUSES: tuple[Status, ...] = ("pending", "processing", "done", "failed")
 ColumnType = Literal["vector", "halfvec", "real[]", "double precision[]", "jsonb", "bytea"]
 IdType = Literal["smallint", "integer", "bigint", "uuid", "text", "character varying"]
 
+# Why one claimed item ended failed. Each reason is final for that content: the item is not
+# retried (a transient provider outage is no item failure; the batch goes back to pending).
+FailureReason = Literal[
+    "unregistered_target",  # its (table, column) is not in embedding_targets
+    "empty_content",  # NULL or whitespace only
+    "invalid_record_id",  # the queued key does not parse as the target's id type
+    "provider_rejected",  # the provider returned an error instead of a vector for it
+    "dimension_mismatch",  # the vector does not fit the target column's dimensions
+    "write_rejected",  # Postgres refused the write into its target
+    "lease_expired",  # its claims lapsed max_attempts times (failed by the claim itself)
+]
+
 # Bounds on what one claim loads into the worker (QUEUE_PROCESSOR_MAX_CONTENT_CHARS and
 # QUEUE_PROCESSOR_MAX_CLAIM_BYTES): far above any embedding model's input window (8,191
 # tokens is ~33,000 characters), far below what exhausts a worker's memory.
@@ -33,6 +45,16 @@ class QueueItem:
     content: str | None
     attempts: int
     generation: int
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """One item that ends failed: why (``reason``, for code and logs) and ``message``, the
+    human-readable text stored in ``embedding_queue.error``."""
+
+    item: QueueItem
+    reason: FailureReason
+    message: str
 
 
 @dataclass(frozen=True)

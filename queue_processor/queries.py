@@ -2,8 +2,8 @@
 
 Each statement in ``queries.sql`` starts with ``-- name: NAME`` followed by a one-line
 description comment; statements take named parameters (``%(param)s``). Statements that need
-identifiers (target tables and columns) hold ``{placeholders}`` filled only with
-``psycopg.sql.Identifier`` values by db.py / queue.py.
+identifiers (target tables and columns) hold ``{placeholders}``, filled only by db.py
+(``statement``): with quoted identifiers, or with fragments that are blocks of the same file.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 -- Every runtime statement of queue_processor, addressed by name (see queries.py).
--- Parameters are named (%(name)s, or %(name)b for binary real[] vectors); {identifier} slots
--- are filled only with psycopg.sql.Identifier values taken from the target registry.
+-- Parameters are named (%(name)s, or %(name)b for binary real[] vectors). {slots} are filled
+-- by db.py only: with identifiers (psycopg.sql.Identifier; names taken from the target
+-- registry or the catalog), or with fragments, which are blocks of this file too (those
+-- described as "Fragment of ..."), a checked integer type modifier or a built-in type name.
+-- {qs} is the queue schema.
 
 -- name: advisory_lock
 -- Serialise migrations across processes: the key is hashed to the lock's bigint.
@@ -18,6 +21,22 @@ SELECT current_setting('search_path') AS replaced,
 -- name: set_local_search_path
 -- The search_path for the rest of this transaction only (migrations: see db.py).
 SELECT set_config('search_path', %(path)s::text, true);
+
+-- name: listen
+-- Subscribe this (dedicated) connection to a notification channel.
+LISTEN {channel};
+
+-- name: database_exists
+-- Whether a database of this name exists (embedded server setup).
+SELECT 1 FROM pg_database WHERE datname = %(name)s;
+
+-- name: create_database
+-- Create a database (embedded server setup, when database_exists found none).
+CREATE DATABASE {database};
+
+-- name: create_extension
+-- Install an extension in the current database (embedded server setup).
+CREATE EXTENSION IF NOT EXISTS {extension};
 
 -- name: schema_creators
 -- The roles other than its owner that may create objects in the queue schema (migrate
@@ -46,6 +65,11 @@ SELECT targets, workers FROM {qs}.embedding_refresh_installed();
 -- Whether the queue schema exists already.
 SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s) AS found;
 
+-- name: create_schema
+-- Create the queue schema (migrate, after schema_exists found none: CREATE SCHEMA IF NOT
+-- EXISTS needs CREATE on the database even when the schema exists).
+CREATE SCHEMA IF NOT EXISTS {qs};
+
 -- name: applied_migrations
 -- Versions already applied.
 SELECT version FROM {qs}.queue_processor_migrations ORDER BY version;
@@ -65,7 +89,7 @@ SELECT to_regclass(format('%%I.%%I', %(schema)s::text, %(relation)s::text)) IS N
 SELECT max(version) AS version FROM {qs}.queue_processor_migrations;
 
 -- name: register_target
--- Register a target and install its triggers (see sql/migrations/0002_targets.sql).
+-- Register a target and install its triggers (see sql/functions/20_targets.sql).
 SELECT {qs}.embedding_register_target(
     %(table_oid)s::oid::regclass, %(column)s::text,
     p_content_columns => %(content_columns)s::text[],
@@ -204,10 +228,12 @@ SELECT id FROM {qs}.embedding_queue
    FOR UPDATE;
 
 -- name: write_vectors
--- Write a batch of vectors of one target (real[], double precision[] or jsonb) in one statement. %(vectors)b is every vector of the
--- batch concatenated into one binary real[]; row k takes its slice. real[] converts to the
--- column type by assignment (pgvector's vector/halfvec casts, real[] -> double precision[]);
--- {value} is to_jsonb(v.vec) for jsonb. The EXISTS re-checks the claim (locked above).
+-- Write a batch of vectors of one target (real[], double precision[] or jsonb) in one
+-- statement. %(vectors)b is every vector of the batch concatenated into one binary real[];
+-- row k takes its slice. real[] converts to the column type by assignment (pgvector's
+-- vector/halfvec casts, real[] -> double precision[]); {value} is write_value_vec or
+-- write_value_jsonb, {companions} the write_set_* fragments of the target's companion
+-- columns. The EXISTS re-checks the claim (locked above).
 UPDATE {schema}.{table} AS t
    SET {column} = {value}{companions}
   FROM (SELECT k.id, k.qid,
@@ -242,6 +268,24 @@ UPDATE {schema}.{table} AS t
    AND EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
                 WHERE q.id = v.qid AND q.status = 'processing' AND q.claim_token = %(token)s)
 RETURNING v.qid;
+
+-- name: write_value_vec
+-- Fragment of write_vectors ({value}): the slice itself, for array columns.
+v.vec
+
+-- name: write_value_jsonb
+-- Fragment of write_vectors ({value}): the slice as a JSON array, for jsonb columns.
+pg_catalog.to_jsonb(v.vec)
+
+-- name: write_set_model
+-- Fragment of the write_* statements ({companions}), appended to their SET list: the
+-- target's model column gets the model's name.
+, {column} = %(model)s
+
+-- name: write_set_generated_at
+-- Fragment of the write_* statements ({companions}), appended to their SET list: the
+-- target's generated-at column gets the write time.
+, {column} = pg_catalog.now()
 
 -- name: write_and_ack
 -- Write one target's vectors ({write}: write_pgvector, write_vectors or write_vectors_bytea)
@@ -384,13 +428,24 @@ SELECT n.nspname AS type_schema, t.typname AS type_name
 
 -- name: search_nearest
 -- The k rows nearest to the query vector by cosine distance; ORDER BY the <=> operator on
--- the column itself so an HNSW (vector_cosine_ops) index serves it.
-SELECT t.{id_column}::text AS id, pg_catalog.left({content}, 160) AS content,
-       t.{column} {distance} %(query)b::real[]::{vtype} AS distance
+-- the column itself so an HNSW (vector_cosine_ops) index serves it. {content_columns} is a
+-- list of search_content_column fragments, {distance} cosine_distance_operator, {vtype}
+-- the column's type (schema-qualified).
+SELECT t.{id_column}::text AS id, pg_catalog.left(pg_catalog.concat_ws(' | ', {content_columns}), 160) AS content,
+       t.{column} OPERATOR({distance}) %(query)b::real[]::{vtype} AS distance
   FROM {schema}.{table} AS t
  WHERE t.{column} IS NOT NULL
- ORDER BY t.{column} {distance} %(query)b::real[]::{vtype}
+ ORDER BY t.{column} OPERATOR({distance}) %(query)b::real[]::{vtype}
  LIMIT %(k)s;
+
+-- name: search_content_column
+-- Fragment of search_nearest ({content_columns}): one content column as text.
+t.{column}::text
+
+-- name: cosine_distance_operator
+-- Fragment (inside OPERATOR(...)): pgvector's cosine distance operator, named with the
+-- schema pgvector lives in, since the session's search_path holds only pg_catalog.
+{schema}.<=>
 
 -- name: estimate_target
 -- Rows and estimated tokens a backfill of one target would send (nothing is queued).
@@ -417,8 +472,9 @@ SELECT n.nspname AS schema FROM pg_extension e JOIN pg_namespace n ON n.oid = e.
 CREATE EXTENSION IF NOT EXISTS vector SCHEMA {qs};
 
 -- name: add_embedding_column
--- Add a vector/halfvec target column of fixed dimensions if it does not exist.
-ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {vtype};
+-- Add a vector/halfvec target column of fixed dimensions if it does not exist ({vtype}:
+-- pgvector's type, schema-qualified; {dimensions}: its type modifier).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {vtype}({dimensions});
 
 -- name: create_hnsw_index
 -- Cosine HNSW index (the seeds' parameters: m = 16, ef_construction = 64) for search.

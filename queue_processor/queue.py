@@ -6,19 +6,19 @@ queries.sql. The worker never sees SQL text.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import structlog
-from psycopg import sql
 
 from queue_processor import targets
+from queue_processor.backoff import retry_database
 from queue_processor.db import (
     Connection,
     Database,
@@ -27,6 +27,7 @@ from queue_processor.db import (
     Row,
     VectorBatch,
     float4_array,
+    type_modifier,
 )
 from queue_processor.errors import ConfigurationError, PermanentError
 from queue_processor.models import (
@@ -34,6 +35,7 @@ from queue_processor.models import (
     MAX_CONTENT_CHARS,
     Claim,
     ClaimToken,
+    ItemFailure,
     QueueId,
     QueueItem,
     Target,
@@ -279,7 +281,7 @@ async def complete(
     db: Database,
     token: ClaimToken,
     writes: Sequence[Write],
-    failures: Sequence[tuple[QueueItem, str]],
+    failures: Sequence[ItemFailure],
     *,
     model: str | None,
     usage: Usage | None = None,
@@ -293,7 +295,7 @@ async def complete(
     for w in writes:
         by_target[w.target.key].append(w)
     groups = [by_target[key] for key in sorted(by_target)]
-    all_ids = [w.item.id for w in writes] + [item.id for item, _ in failures]
+    all_ids = [w.item.id for w in writes] + [f.item.id for f in failures]
     # Sent together (pipeline mode), in this order: source rows are locked first, then the
     # queue rows still claimed under our token (the enqueue triggers' lock order), so nobody
     # can take a claim over between the check and the write. Each write re-checks the claim
@@ -317,16 +319,7 @@ async def complete(
         for group in groups
     ]
     if failures:
-        steps.append(
-            (
-                db.statement("fail_items"),
-                {
-                    "ids": [item.id for item, _ in failures],
-                    "messages": [msg for _, msg in failures],
-                    "token": token,
-                },
-            )
-        )
+        steps.append((db.statement("fail_items"), _fail_params(failures, token)))
     if usage is not None:
         steps.append(
             (
@@ -374,22 +367,23 @@ def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) 
 
 
 async def fail(
-    db: Database, token: ClaimToken, failures: Sequence[tuple[QueueItem, str]]
+    db: Database, token: ClaimToken, failures: Sequence[ItemFailure]
 ) -> tuple[QueueId, ...]:
     """Mark items failed with their messages (only those still held under ``token``)."""
     if not failures:
         return ()
     async with db.connection(autocommit=True) as conn:
-        rows = await db.fetch_all(
-            conn,
-            db.statement("fail_items"),
-            {
-                "ids": [item.id for item, _ in failures],
-                "messages": [msg for _, msg in failures],
-                "token": token,
-            },
-        )
+        rows = await db.fetch_all(conn, db.statement("fail_items"), _fail_params(failures, token))
     return tuple(QueueId(int(r["id"])) for r in rows)
+
+
+def _fail_params(failures: Sequence[ItemFailure], token: ClaimToken) -> dict[str, Any]:
+    # The message is what embedding_queue.error keeps; the reason lives in logs and code.
+    return {
+        "ids": [f.item.id for f in failures],
+        "messages": [f.message for f in failures],
+        "token": token,
+    }
 
 
 async def schedule_retry(
@@ -580,16 +574,14 @@ async def add_embedding_column(db: Database, table: str, column: str, dimensions
             await db.execute(conn, db.statement("create_vector_extension"))
             ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         assert ext is not None
-        vtype = sql.SQL("{}({})").format(
-            sql.Identifier(ext["schema"], kind), sql.Literal(int(dimensions))
-        )
         await db.execute(
             conn,
             db.statement(
                 "add_embedding_column",
-                table=sql.Identifier(rel["schema_name"], rel["relation_name"]),
+                table=(rel["schema_name"], rel["relation_name"]),
                 column=column,
-                vtype=vtype,
+                vtype=(ext["schema"], kind),
+                dimensions=type_modifier(dimensions),
             ),
         )
     return kind
@@ -619,9 +611,9 @@ async def create_hnsw_index(db: Database, target: Target) -> str:
             db.statement(
                 "create_hnsw_index",
                 index=name,
-                table=sql.Identifier(target.schema_name, target.relation_name),
+                table=(target.schema_name, target.relation_name),
                 column=target.embedding_column,
-                opclass=sql.Identifier(ext["schema"], opclass),
+                opclass=(ext["schema"], opclass),
             ),
         )
     return name
@@ -630,9 +622,36 @@ async def create_hnsw_index(db: Database, target: Target) -> str:
 # --- the opt-in embedding cache -----------------------------------------------------------
 
 
-def content_hash(text: str) -> bytes:
-    """The cache key of a text: SHA-256 of its UTF-8 bytes (surrogates kept)."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+class EmbeddingCacheStore:
+    """``embedding_cache`` as the store of a ``CachedProvider``: the vectors of one model
+    (``model_key``, e.g. "openai/text-embedding-3-small") at one requested dimension count
+    (None = the model's default), by content hash.
+
+    Each lookup and store retries through a database outage for up to ``retry_seconds`` (the
+    worker passes its lease: past that the batch's claim is lost anyway), then raises
+    DatabaseUnavailable."""
+
+    def __init__(
+        self, db: Database, model_key: str, dimensions: int | None, *, retry_seconds: float
+    ) -> None:
+        self._db = db
+        self._model_key = model_key
+        self._dimensions = dimensions
+        self._retry_seconds = retry_seconds
+
+    async def lookup(self, hashes: Sequence[bytes]) -> dict[bytes, npt.NDArray[np.float32]]:
+        """Cached vectors by content hash (only the hits)."""
+        return await retry_database(
+            partial(cache_lookup, self._db, self._model_key, self._dimensions, hashes),
+            within_seconds=self._retry_seconds,
+        )
+
+    async def store(self, pairs: Sequence[tuple[bytes, npt.NDArray[np.float32]]]) -> None:
+        """Remember vectors by content hash."""
+        await retry_database(
+            partial(cache_store, self._db, self._model_key, self._dimensions, pairs),
+            within_seconds=self._retry_seconds,
+        )
 
 
 async def cache_lookup(

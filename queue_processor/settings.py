@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from queue_processor.models import MAX_CLAIM_BYTES, MAX_CONTENT_CHARS
+from queue_processor.providers.local import DEFAULT_LOCAL_MODEL
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
@@ -175,4 +176,4 @@ def _credential_error(path: Path, problem: str) -> ValidationError:
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OPENAI_DEFAULT_MODEL = "text-embedding-3-small"
-LOCAL_DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LOCAL_DEFAULT_MODEL = DEFAULT_LOCAL_MODEL  # defined once, in providers/local.py

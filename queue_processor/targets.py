@@ -1,9 +1,10 @@
-"""Registered targets: key parsing and the SQL that writes a vector into a target column.
+"""Registered targets: key parsing and the statements that write a vector into a target column.
 
-Identifiers come only from the target registry (``embedding_targets``) and always go through
-``psycopg.sql.Identifier``; the key type and the value expression are chosen from fixed
-tables here, never taken from a queue row. A queue row naming a pair that is not registered
-never reaches SQL: the worker fails it with "unregistered target".
+The statements are named blocks of queries.sql, composed by db.py: the identifiers passed
+here come only from the target registry (``embedding_targets``) and db.py turns them into
+quoted identifiers; the key type and the value expression are chosen from fixed tables here,
+never taken from a queue row. A queue row naming a pair that is not registered never reaches
+SQL: the worker fails it with "unregistered target".
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ import uuid
 from typing import assert_never
 
 import numpy as np
-from psycopg import sql
 
-from queue_processor.db import statement
+from queue_processor.db import BuiltinType, Query, builtin_type, joined, statement
 from queue_processor.errors import InvalidRecordId
-from queue_processor.models import ColumnType, IdType, Target
+from queue_processor.models import IdType, Target
 
 # SQL type names for the key parameter cast, by registry id_type.
-_ID_SQL: dict[IdType, sql.SQL] = {
-    "smallint": sql.SQL("smallint"),
-    "integer": sql.SQL("integer"),
-    "bigint": sql.SQL("bigint"),
-    "uuid": sql.SQL("uuid"),
-    "text": sql.SQL("text"),
-    "character varying": sql.SQL("varchar"),
+_ID_SQL: dict[IdType, BuiltinType] = {
+    "smallint": "smallint",
+    "integer": "integer",
+    "bigint": "bigint",
+    "uuid": "uuid",
+    "text": "text",
+    "character varying": "varchar",
 }
 _INT_RANGES: dict[IdType, tuple[int, int]] = {
     "smallint": (-(2**15), 2**15 - 1),
@@ -64,61 +64,51 @@ def parse_record_id(target: Target, record_id: str) -> str:
     return record_id
 
 
-def _value_expr(column_type: ColumnType) -> sql.SQL:
-    match column_type:
-        case "vector" | "halfvec" | "real[]" | "double precision[]":
-            return sql.SQL("v.vec")
-        case "jsonb":
-            return sql.SQL("pg_catalog.to_jsonb(v.vec)")
-        case "bytea":
-            return sql.SQL("v.blob")
-        case _:
-            assert_never(column_type)
-
-
-def _companions(target: Target) -> sql.Composable:
-    parts: list[sql.Composable] = []
+def _companions(target: Target) -> Query:
+    """The SET items of the target's companion columns (queries.sql: write_set_*)."""
+    parts: list[Query] = []
     if target.model_column:
-        parts.append(sql.SQL(", {} = %(model)s").format(sql.Identifier(target.model_column)))
+        parts.append(statement("write_set_model", column=target.model_column))
     if target.generated_at_column:
-        parts.append(
-            sql.SQL(", {} = pg_catalog.now()").format(sql.Identifier(target.generated_at_column))
-        )
-    return sql.Composed(parts)
+        parts.append(statement("write_set_generated_at", column=target.generated_at_column))
+    return joined(parts, separator="")
 
 
-def lock_statement(target: Target) -> sql.Composed | sql.SQL:
+def lock_statement(target: Target) -> Query:
     """Lock the batch's source rows in key order (see queries.sql: lock_source_rows)."""
     return statement(
         "lock_source_rows",
         schema=target.schema_name,
         table=target.relation_name,
         id_column=target.id_column,
-        id_type=_ID_SQL[target.id_type],
+        id_type=builtin_type(_ID_SQL[target.id_type]),
     )
 
 
-def write_statement(target: Target, queue_schema: str) -> sql.Composed | sql.SQL:
+def write_statement(target: Target, queue_schema: str) -> Query:
     """The UPDATE that writes one batch of vectors into this target (its claim check reads
     the queue in ``queue_schema``)."""
+    slots = {
+        "qs": queue_schema,
+        "schema": target.schema_name,
+        "table": target.relation_name,
+        "column": target.embedding_column,
+        "id_column": target.id_column,
+    }
+    id_type = builtin_type(_ID_SQL[target.id_type])
+    companions = _companions(target)
     match target.column_type:
         case "vector" | "halfvec":
-            name = "write_pgvector"
+            return statement("write_pgvector", id_type=id_type, companions=companions, **slots)
         case "bytea":
-            name = "write_vectors_bytea"
+            return statement("write_vectors_bytea", id_type=id_type, companions=companions, **slots)
+        case "real[]" | "double precision[]":
+            value = statement("write_value_vec")
+        case "jsonb":
+            value = statement("write_value_jsonb")
         case _:
-            name = "write_vectors"
-    return statement(
-        name,
-        qs=queue_schema,
-        schema=target.schema_name,
-        table=target.relation_name,
-        column=target.embedding_column,
-        id_column=target.id_column,
-        id_type=_ID_SQL[target.id_type],
-        value=_value_expr(target.column_type),
-        companions=_companions(target),
-    )
+            assert_never(target.column_type)
+    return statement("write_vectors", id_type=id_type, companions=companions, value=value, **slots)
 
 
 def vector_bytes(vec: np.ndarray) -> bytes:
@@ -126,21 +116,19 @@ def vector_bytes(vec: np.ndarray) -> bytes:
     return np.asarray(vec, dtype="<f4").tobytes()
 
 
-def search_statement(target: Target, type_schema: str, type_name: str) -> sql.Composed | sql.SQL:
-    """Nearest rows by cosine distance; the content preview joins the content columns."""
-    content = sql.SQL("pg_catalog.concat_ws(' | ', {})").format(
-        sql.SQL(", ").join(
-            sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in target.content_columns
-        )
-    )
+def search_statement(target: Target, type_schema: str, type_name: str) -> Query:
+    """Nearest rows by cosine distance; the content preview joins the content columns.
+    ``type_schema``/``type_name``: the column's type (pgvector may live in any schema)."""
     return statement(
         "search_nearest",
         schema=target.schema_name,
         table=target.relation_name,
         column=target.embedding_column,
         id_column=target.id_column,
-        content=content,
-        vtype=sql.Identifier(type_schema, type_name),
+        content_columns=joined(
+            statement("search_content_column", column=c) for c in target.content_columns
+        ),
+        vtype=(type_schema, type_name),
         # pgvector's operator by its schema: the session's search_path holds only pg_catalog.
-        distance=sql.SQL("OPERATOR({}.<=>)").format(sql.Identifier(type_schema)),
+        distance=statement("cosine_distance_operator", schema=type_schema),
     )

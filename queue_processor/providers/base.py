@@ -1,4 +1,4 @@
-"""The embedding provider interface and the provider-independent helpers behind it.
+"""The embedding provider interface and the shared ``embed`` skeleton behind every backend.
 
 A provider turns a batch of texts into vectors. It never touches the database: the worker
 hands it texts and gets back an ``EmbedResult`` aligned with its inputs, where each input has
@@ -6,23 +6,34 @@ either a vector or a permanent error message. Whole-call failures are exceptions
 ``queue_processor.errors``: ``ProviderUnavailable`` (retry the batch later) or
 ``ConfigurationError`` (stop the worker).
 
-The helpers here are shared by every provider: request packing by count and token budget,
-in-call de-duplication, vector validation, and a client-side rate limiter.
+``EmbeddingProvider`` is the interface (decorators such as a cache implement it directly).
+``BatchingProvider`` is the skeleton the real backends share, after pgai's ``BatchApiCaller``:
+it de-duplicates, rejects what no backend can take, packs requests by count and token budget,
+fans them out, validates every vector and assembles the aligned result; a subclass only
+embeds one packed request (and may load or close something).
 """
 
 from __future__ import annotations
 
 import abc
 import math
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self, TypeAlias
+from typing import ClassVar, Self, TypeAlias
 
 import anyio
 import numpy as np
 import numpy.typing as npt
+import structlog
+
+from queue_processor.errors import ConfigurationError, ProviderUnavailable
+
+# Re-exported for callers that import it from here; its home is providers/ratelimit.py.
+from queue_processor.providers.ratelimit import RateLimiter as RateLimiter
+
+log = structlog.get_logger(__name__)
 
 Vector: TypeAlias = npt.NDArray[np.float32]
 """A 1-D float32 embedding."""
@@ -82,6 +93,197 @@ class EmbeddingProvider(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+@dataclass(slots=True)
+class Usage:
+    """What one ``embed()`` call has spent so far; subclasses add to it as they work.
+
+    ``tokens``: as reported by the backend, or estimated; ``requests``: backend requests
+    made, retries and split requests included.
+    """
+
+    tokens: int = 0
+    requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    """What one packed request produced, aligned with its texts.
+
+    ``vectors[i]`` is the raw vector of text ``i`` (validated by the skeleton) or None, and
+    then ``errors[i]`` says why (a permanent, secret-free reason).
+    """
+
+    vectors: list[Vector | None]
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def __add__(self, other: RequestResult) -> RequestResult:
+        """This result followed by ``other``: the result of the two requests' texts in order."""
+        shift = len(self.vectors)
+        errors = self.errors | {offset + shift: error for offset, error in other.errors.items()}
+        return RequestResult(vectors=self.vectors + other.vectors, errors=errors)
+
+
+class BatchingProvider(EmbeddingProvider):
+    """The shared ``embed`` skeleton; a subclass implements ``_embed_request`` and ``is_closed``.
+
+    One ``embed()`` call: refuses to run once closed (RuntimeError); returns at once for no
+    texts; runs ``_prepare()`` (e.g. load a model); collapses identical texts; fails each
+    text that is not valid Unicode; packs the rest into requests of at most
+    ``max_inputs_per_request`` texts and ``max_tokens_per_request`` estimated tokens; runs
+    them; validates every vector (shape, dimension, finite values; with no configured
+    dimension, the call's majority dimension wins); and fans the results back out to every
+    input position, tokens and requests summed.
+
+    Requests run concurrently when ``concurrent_requests`` is true (the subclass bounds them
+    with its own limiter, shared by all calls of the provider), else one by one in order.
+    The first ``ConfigurationError`` or ``ProviderUnavailable`` cancels the call's other
+    requests and is raised, a configuration error before an outage.
+    """
+
+    concurrent_requests: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dimensions: int | None,
+        max_inputs_per_request: int,
+        max_tokens_per_request: int,
+    ) -> None:
+        """Check and set what every backend has (ConfigurationError for a bad value)."""
+        require(bool(model.strip()), f"the {self.name} embedding model name is empty")
+        require(max_inputs_per_request >= 1, "max_inputs_per_request must be at least 1")
+        require(max_tokens_per_request >= 1, "max_tokens_per_request must be at least 1")
+        self.model = model
+        self.dimensions = dimensions
+        self.max_inputs_per_request = max_inputs_per_request
+        self.max_tokens_per_request = max_tokens_per_request
+
+    @property
+    @abc.abstractmethod
+    def is_closed(self) -> bool:
+        """True once ``aclose()`` has released the backend; ``embed()`` then refuses work."""
+
+    async def _prepare(self) -> None:
+        """Make the backend ready before a non-empty call (e.g. load a model)."""
+
+    @abc.abstractmethod
+    async def _embed_request(self, texts: list[str], usage: Usage) -> RequestResult:
+        """Embed one packed request's ``texts`` (distinct, valid Unicode, within the limits).
+
+        Add the requests made and tokens spent to ``usage``. Raise ``ProviderUnavailable``
+        or ``ConfigurationError`` for a failure of the whole request.
+        """
+
+    async def embed(self, texts: Sequence[str]) -> EmbedResult:
+        """Embed ``texts``: vectors aligned with the inputs, per-input errors, usage."""
+        if self.is_closed:
+            raise RuntimeError(f"the {self.name} provider is closed")
+        if not texts:
+            return EmbedResult(vectors=[])
+        await self._prepare()
+        unique, index_map = dedupe(texts)
+        call = _Call(unique)
+        sendable = call.encodable_positions()
+        groups = pack_requests(
+            [unique[i] for i in sendable], self.max_inputs_per_request, self.max_tokens_per_request
+        )
+        await self._run_requests(call, [[sendable[i] for i in group] for group in groups])
+        if self.dimensions is None:
+            call.keep_majority_dimension()
+        return call.result(index_map)
+
+    async def _run_requests(self, call: _Call, requests: list[list[int]]) -> None:
+        """Run every request (lists of positions in ``call.unique``); see the class docstring."""
+        if not self.concurrent_requests:
+            for positions in requests:
+                await self._run_request(call, positions)
+            return
+        failures: list[Exception] = []
+
+        async def run(positions: list[int], scope: anyio.CancelScope) -> None:
+            try:
+                await self._run_request(call, positions)
+            except (ConfigurationError, ProviderUnavailable) as exc:
+                failures.append(exc)
+                scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for positions in requests:
+                tg.start_soon(run, positions, tg.cancel_scope)
+        if failures:
+            # A configuration problem outranks an outage: it needs an operator either way.
+            failures.sort(key=lambda exc: not isinstance(exc, ConfigurationError))
+            raise failures[0]
+
+    async def _run_request(self, call: _Call, positions: list[int]) -> None:
+        """Embed one request and record each validated vector, read-only, or its error."""
+        result = await self._embed_request([call.unique[p] for p in positions], call.usage)
+        for offset, position in enumerate(positions):
+            vector = result.vectors[offset]
+            if vector is None:
+                call.errors[position] = result.errors.get(offset, "provider returned no vector")
+                continue
+            problem = validate_vector(vector, self.dimensions)
+            if problem is not None:
+                call.errors[position] = problem
+                continue
+            vector.setflags(write=False)  # may be shared by identical inputs of the call
+            call.vectors[position] = vector
+
+
+@dataclass
+class _Call:
+    """Everything one ``embed()`` call accumulates, keyed by position in ``unique``."""
+
+    unique: list[str]
+    vectors: dict[int, Vector] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+
+    def encodable_positions(self) -> list[int]:
+        """Positions of the texts that are valid Unicode; the others get their error now."""
+        sendable: list[int] = []
+        for position, text in enumerate(self.unique):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                self.errors[position] = "input is not valid Unicode (it contains a lone surrogate)"
+            else:
+                sendable.append(position)
+        return sendable
+
+    def keep_majority_dimension(self) -> None:
+        """Without a configured dimension, vectors off the call's majority dimension fail."""
+        if not self.vectors:
+            return
+        counts = Counter(int(vector.shape[0]) for vector in self.vectors.values())
+        if len(counts) == 1:
+            return
+        expected = counts.most_common(1)[0][0]
+        for position, vector in list(self.vectors.items()):
+            if vector.shape[0] != expected:
+                del self.vectors[position]
+                self.errors[position] = (
+                    f"provider returned {vector.shape[0]} dimensions, expected {expected}"
+                )
+
+    def result(self, index_map: list[int]) -> EmbedResult:
+        """The call's result for the original inputs (``index_map`` from ``dedupe``)."""
+        vectors: list[Vector | None] = []
+        errors: dict[int, str] = {}
+        for index, position in enumerate(index_map):
+            vector = self.vectors.get(position)
+            vectors.append(vector)
+            if vector is None:
+                errors[index] = self.errors.get(position, "provider returned no vector")
+        if errors:
+            log.warning("provider_input_errors", inputs=len(index_map), failed=len(errors))
+        return EmbedResult(
+            vectors=vectors, errors=errors, tokens=self.usage.tokens, requests=self.usage.requests
+        )
 
 
 def estimate_tokens(text: str) -> int:
@@ -149,86 +351,13 @@ def validate_vector(vec: Vector, expected_dims: int | None) -> str | None:
     return None
 
 
-class _Bucket:
-    """A token bucket holding at most ``capacity``, refilled continuously over a minute."""
-
-    __slots__ = ("capacity", "level", "rate_per_s", "updated")
-
-    def __init__(self, per_minute: int, now: float) -> None:
-        self.capacity = float(per_minute)
-        self.rate_per_s = per_minute / 60.0
-        self.level = self.capacity
-        self.updated = now
-
-    def delay_s(self, amount: float, now: float) -> float:
-        """Seconds until ``amount`` can be taken (0 if now); refills first."""
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate_per_s)
-        self.updated = now
-        # A request bigger than the whole bucket waits for a full bucket, then goes through
-        # (driving the level negative), instead of waiting forever.
-        needed = min(amount, self.capacity)
-        missing = needed - self.level
-        # Tolerance: float rounding must not turn an exact wait into another tiny sleep.
-        return 0.0 if missing <= 1e-9 * self.capacity else missing / self.rate_per_s
+def require(condition: bool, message: str) -> None:
+    """Raise ``ConfigurationError(message)`` unless ``condition``: for checking settings."""
+    if not condition:
+        raise ConfigurationError(message)
 
 
-class RateLimiter:
-    """Client-side requests-per-minute and tokens-per-minute limits (token buckets).
-
-    Each limit is a bucket whose capacity is the per-minute amount, starting full and
-    refilled continuously; None means unlimited. ``acquire(tokens)`` waits until both
-    buckets allow one request of ``tokens`` tokens. Waiters are served first-come,
-    first-served, so a large request is not starved by a stream of small ones. One limiter
-    may be shared by several providers or calls within one event loop.
-
-    ``clock`` (seconds, monotonic) and ``sleep`` are injectable for tests.
-    """
-
-    def __init__(
-        self,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-    ) -> None:
-        for label, value in (
-            ("requests_per_minute", requests_per_minute),
-            ("tokens_per_minute", tokens_per_minute),
-        ):
-            if value is not None and value <= 0:
-                raise ValueError(f"{label} must be positive or None, got {value}")
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
-        self._clock = clock
-        self._sleep = sleep
-        now = clock()
-        self._requests = None if requests_per_minute is None else _Bucket(requests_per_minute, now)
-        self._tokens = None if tokens_per_minute is None else _Bucket(tokens_per_minute, now)
-        self._lock = anyio.Lock()
-
-    def __repr__(self) -> str:
-        return (
-            f"RateLimiter(requests_per_minute={self.requests_per_minute!r}, "
-            f"tokens_per_minute={self.tokens_per_minute!r})"
-        )
-
-    async def acquire(self, tokens: int) -> None:
-        """Wait until one request carrying ``tokens`` tokens is allowed, then account for it."""
-        if self._requests is None and self._tokens is None:
-            return
-        async with self._lock:
-            while True:
-                now = self._clock()
-                wait_s = 0.0
-                if self._requests is not None:
-                    wait_s = max(wait_s, self._requests.delay_s(1, now))
-                if self._tokens is not None:
-                    wait_s = max(wait_s, self._tokens.delay_s(tokens, now))
-                if wait_s <= 0:
-                    break
-                await self._sleep(wait_s)
-            if self._requests is not None:
-                self._requests.level -= 1
-            if self._tokens is not None:
-                self._tokens.level -= tokens
+def first_line(exc: BaseException) -> str:
+    """The first line of ``str(exc)`` for a one-line message ("no details" when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"

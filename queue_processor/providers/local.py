@@ -10,7 +10,8 @@ Loading is lazy (first ``embed()`` or an explicit ``await load()``) and, like ev
 ``encode`` call, runs in a worker thread: the event loop stays free, so the worker's lease
 renewal and LISTEN tasks keep running while the CPU works. Encodes of one provider run one
 at a time (the model already uses every core) in chunks of ``max_inputs_per_request`` texts,
-which are also the points where a cancelled batch stops.
+which are also the points where a cancelled batch stops. The rest of a call (de-duplication,
+packing, vector validation) is ``BatchingProvider``'s.
 
 Failures are translated here: the package missing or the model not loadable is a
 ``ConfigurationError`` (stop the worker); an encode that raises is ``ProviderUnavailable``
@@ -25,7 +26,6 @@ without them.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,12 @@ import structlog
 
 from queue_processor.errors import ConfigurationError, ProviderUnavailable
 from queue_processor.providers.base import (
-    EmbeddingProvider,
-    EmbedResult,
-    Vector,
-    dedupe,
+    BatchingProvider,
+    RequestResult,
+    Usage,
     estimate_tokens,
-    pack_requests,
-    validate_vector,
+    first_line,
+    require,
 )
 
 log = structlog.get_logger(__name__)
@@ -85,7 +84,7 @@ def resolve_model(model: str) -> str:
     return model
 
 
-class LocalProvider(EmbeddingProvider):
+class LocalProvider(BatchingProvider):
     """Embeddings computed in-process by a sentence-transformers model.
 
     ``model`` is a hub name or a local directory; ``device`` a torch device ("cpu",
@@ -94,9 +93,12 @@ class LocalProvider(EmbeddingProvider):
     cosine distance and inner product agree. ``max_inputs_per_request`` bounds the texts of
     one ``encode`` call (one "request" in ``EmbedResult.requests``).
     ``dimensions`` is None until the model is loaded, then the model's output dimension.
+    Identical texts of a call are encoded once; ``EmbedResult.tokens`` is an estimate.
     """
 
     name = "local"
+    # One encode at a time, in order: the model already spreads one encode over every core.
+    concurrent_requests = False
 
     def __init__(
         self,
@@ -108,18 +110,17 @@ class LocalProvider(EmbeddingProvider):
         max_inputs_per_request: int = 128,
         max_tokens_per_request: int = 32_768,
     ) -> None:
-        _require(bool(model.strip()), "the local embedding model name is empty")
-        _require(bool(device.strip()), "the local embedding device is empty")
-        _require(batch_size >= 1, "batch_size must be at least 1")
-        _require(max_inputs_per_request >= 1, "max_inputs_per_request must be at least 1")
-        _require(max_tokens_per_request >= 1, "max_tokens_per_request must be at least 1")
-        self.model = model
+        super().__init__(
+            model,
+            dimensions=None,  # the model's, once loaded
+            max_inputs_per_request=max_inputs_per_request,
+            max_tokens_per_request=max_tokens_per_request,
+        )
+        require(bool(device.strip()), "the local embedding device is empty")
+        require(batch_size >= 1, "batch_size must be at least 1")
         self.device = device
         self.batch_size = batch_size
         self.normalize = normalize
-        self.max_inputs_per_request = max_inputs_per_request
-        self.max_tokens_per_request = max_tokens_per_request
-        self.dimensions: int | None = None
         self._source = resolve_model(model)
         self._model: Any = None
         self._closed = False
@@ -194,7 +195,7 @@ class LocalProvider(EmbeddingProvider):
             hint = (
                 f"could not load the local embedding model {self.model!r}"
                 + (f" from {self._source}" if self._source != self.model else "")
-                + f": {type(exc).__name__}: {_first_line(exc).rstrip('.')}. "
+                + f": {type(exc).__name__}: {first_line(exc).rstrip('.')}. "
             )
             if self._source == self.model:
                 hint += (
@@ -215,58 +216,18 @@ class LocalProvider(EmbeddingProvider):
         self._closed = True
         self._model = None
 
-    async def embed(self, texts: Sequence[str]) -> EmbedResult:
-        """Embed ``texts``: float32 vectors aligned with the inputs, per-input errors.
-
-        Identical texts are encoded once. ``tokens`` is the estimate of the texts encoded
-        (a local model reports no usage); ``requests`` the number of ``encode`` calls.
-        """
-        if self._closed:
-            raise RuntimeError("the local provider is closed")
-        if not texts:
-            return EmbedResult(vectors=[], errors={}, tokens=0, requests=0)
+    async def _prepare(self) -> None:
+        """Load the model before the first call's work (see ``load``)."""
         await self.load()
-        unique, index_map = dedupe(texts)
-        unique_errors: dict[int, str] = {}
-        sendable: list[int] = []
-        for position, text in enumerate(unique):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                unique_errors[position] = (
-                    "input is not valid Unicode (it contains a lone surrogate)"
-                )
-            else:
-                sendable.append(position)
 
-        unique_vectors: dict[int, Vector] = {}
-        tokens = requests = 0
-        for group in pack_requests(
-            [unique[i] for i in sendable], self.max_inputs_per_request, self.max_tokens_per_request
-        ):
-            positions = [sendable[i] for i in group]
-            chunk = [unique[p] for p in positions]
-            matrix = await self._encode(chunk)
-            requests += 1
-            tokens += sum(estimate_tokens(text) for text in chunk)
-            for row, position in enumerate(positions):
-                vector = np.ascontiguousarray(matrix[row], dtype=np.float32)
-                problem = validate_vector(vector, self.dimensions)
-                if problem is None:
-                    unique_vectors[position] = vector
-                else:
-                    unique_errors[position] = problem
-
-        vectors: list[Vector | None] = []
-        errors: dict[int, str] = {}
-        for index, position in enumerate(index_map):
-            found = unique_vectors.get(position)
-            vectors.append(found)
-            if found is None:
-                errors[index] = unique_errors.get(position, "provider returned no vector")
-        if errors:
-            log.warning("provider_input_errors", inputs=len(texts), failed=len(errors))
-        return EmbedResult(vectors=vectors, errors=errors, tokens=tokens, requests=requests)
+    async def _embed_request(self, texts: list[str], usage: Usage) -> RequestResult:
+        """One ``encode`` call; ``tokens`` are estimated (a local model reports no usage)."""
+        matrix = await self._encode(texts)
+        usage.requests += 1
+        usage.tokens += sum(estimate_tokens(text) for text in texts)
+        return RequestResult(
+            vectors=[np.ascontiguousarray(row, dtype=np.float32) for row in matrix]
+        )
 
     async def _encode(self, chunk: list[str]) -> Any:
         """One ``encode`` call in a worker thread; a failure there is ProviderUnavailable."""
@@ -289,7 +250,7 @@ class LocalProvider(EmbeddingProvider):
             log.error("local_encode_failed", model=self.model, error=type(exc).__name__)
             raise ProviderUnavailable(
                 f"the local model {self.model!r} failed to encode {len(chunk)} texts: "
-                f"{type(exc).__name__}: {_first_line(exc)}"
+                f"{type(exc).__name__}: {first_line(exc)}"
             ) from exc
         matrix = np.asarray(matrix, dtype=np.float32)
         if matrix.ndim != 2 or matrix.shape[0] != len(chunk):
@@ -309,13 +270,3 @@ def _output_dimension(model: Any) -> int | None:
         getter = model.get_sentence_embedding_dimension
     dims = getter()
     return int(dims) if dims else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigurationError(message)

@@ -36,7 +36,7 @@ from queue_processor import queue, targets
 from queue_processor.db import Database, float4_array
 from queue_processor.db import statement as db_statement
 from queue_processor.models import STATUSES, Target
-from tests.support.fake_openai import FakeOpenAIServer, fake_token_count, fake_vector
+from queue_processor.testing import FakeOpenAIServer, fake_token_count, fake_vector
 from tests.support.helpers import (
     DIMS,
     MODEL,

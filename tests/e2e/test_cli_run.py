@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
+from queue_processor.testing import FakeOpenAIServer, fake_vector
 from tests.support.helpers import (
     API_KEY,
     DIMS,

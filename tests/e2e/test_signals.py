@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support.fake_openai import FakeOpenAIServer
+from queue_processor.testing import FakeOpenAIServer
 from tests.support.helpers import DIMS, QUEUE_PROCESSOR, cli_env, execute, register
 
 ROWS = 300_000

@@ -21,8 +21,8 @@ from psycopg.rows import dict_row
 
 from queue_processor import queue
 from queue_processor.db import Database
+from queue_processor.testing import FakeOpenAIServer, fake_vector
 from queue_processor.worker import Worker
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
 from tests.support.helpers import (
     DIMS,
     create_table,

@@ -12,8 +12,9 @@ import pytest
 
 from queue_processor import queue
 from queue_processor.db import Database
-from queue_processor.worker import Worker
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
+from queue_processor.providers.base import EmbeddingProvider
+from queue_processor.testing import FakeOpenAIServer, fake_vector
+from queue_processor.worker import Worker, WorkerConfig, with_cache
 from tests.support.helpers import (
     DIMS,
     execute,
@@ -27,11 +28,16 @@ from tests.support.helpers import (
 pytestmark = pytest.mark.anyio
 
 
+def cached_worker(db: Database, provider: EmbeddingProvider, config: WorkerConfig) -> Worker:
+    """A worker wired as the CLI wires it: the provider behind the cache if config.cache."""
+    return Worker(db, with_cache(provider, db, config), config)
+
+
 async def test_forced_reembed_of_unchanged_rows_costs_no_requests(dsn: str) -> None:
     contents = make_docs(dsn, 40)
     with FakeOpenAIServer(dims=DIMS) as server:
         async with Database(dsn) as db, make_provider(server) as provider:
-            first = await Worker(db, provider, worker_config(cache=True)).run("drain")
+            first = await cached_worker(db, provider, worker_config(cache=True)).run("drain")
             assert first.processed == 40
             assert first.cache_hits == 0
             sent_first = server.stats()["requests_total"]
@@ -42,7 +48,7 @@ async def test_forced_reembed_of_unchanged_rows_costs_no_requests(dsn: str) -> N
             execute(dsn, "UPDATE docs SET body = 'a brand new text' WHERE id = 7")
             contents[7] = "a brand new text"
             server.reset()
-            second = await Worker(db, provider, worker_config(cache=True)).run("drain")
+            second = await cached_worker(db, provider, worker_config(cache=True)).run("drain")
 
     assert second.processed == 40
     assert second.cache_hits == 39
@@ -62,18 +68,18 @@ async def test_cache_is_keyed_by_model_and_off_by_default(dsn: str) -> None:
     with FakeOpenAIServer(dims=DIMS) as server:
         async with Database(dsn) as db:
             async with make_provider(server) as provider:
-                await Worker(db, provider, worker_config(cache=True)).run("drain")
+                await cached_worker(db, provider, worker_config(cache=True)).run("drain")
             await queue.backfill(db, "docs", "embedding", "all")
             server.reset()
             async with make_provider(server, model="another-model") as other:
-                summary = await Worker(db, other, worker_config(cache=True)).run("drain")
+                summary = await cached_worker(db, other, worker_config(cache=True)).run("drain")
             assert summary.cache_hits == 0
             assert server.stats()["requests_total"] == 1
 
             await queue.backfill(db, "docs", "embedding", "all")
             server.reset()
             async with make_provider(server) as provider:
-                off = await Worker(db, provider, worker_config()).run("drain")
+                off = await cached_worker(db, provider, worker_config()).run("drain")
             assert off.cache_hits == 0
             assert sum(server.stats()["input_counts"].values()) == 5
     rows = execute(dsn, "SELECT model, count(*) AS n FROM embedding_cache GROUP BY model")

@@ -17,8 +17,8 @@ import pytest
 from psycopg import sql
 
 from queue_processor.db import Database
+from queue_processor.testing import FakeOpenAIServer, fake_vector
 from queue_processor.worker import RunSummary, Worker
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
 from tests.support.helpers import (
     DIMS,
     MODEL,

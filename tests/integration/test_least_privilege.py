@@ -28,7 +28,7 @@ import psycopg
 import pytest
 from psycopg import conninfo, errors, sql
 
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
+from queue_processor.testing import FakeOpenAIServer, fake_vector
 from tests.support.helpers import (
     DIMS,
     MODEL,

@@ -33,7 +33,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from queue_processor.settings import Settings
-from tests.support.fake_openai import FakeOpenAIServer
+from queue_processor.testing import FakeOpenAIServer
 from tests.support.helpers import MODEL, execute, make_docs, status_counts
 
 ROOT = Path(__file__).resolve().parents[2]

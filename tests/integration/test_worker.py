@@ -22,9 +22,9 @@ from structlog.testing import capture_logs
 from queue_processor import queue
 from queue_processor.db import Database
 from queue_processor.errors import ConfigurationError
-from queue_processor.models import Claim
+from queue_processor.models import Claim, ItemFailure
+from queue_processor.testing import FakeOpenAIServer, fake_token_count, fake_vector
 from queue_processor.worker import RunMode, RunSummary, Worker, WorkerConfig
-from tests.support.fake_openai import FakeOpenAIServer, fake_token_count, fake_vector
 from tests.support.helpers import (
     DIMS,
     MODEL,
@@ -231,7 +231,8 @@ async def test_slow_worker_whose_lease_was_reclaimed_writes_nothing(dsn: str, db
     assert all(v is None for v in vector_rows(dsn).values())
     # None of A's other acknowledgements touch B's rows either.
     first = a.claim.items[0]
-    assert await queue.fail(db, a.claim.token, [(first, "late failure")]) == ()
+    late = ItemFailure(first, "provider_rejected", "late failure")
+    assert await queue.fail(db, a.claim.token, [late]) == ()
     assert await queue.release(db, a.claim.token, [first.id]) == 0
     retried = await queue.schedule_retry(
         db, a.claim.token, [first], "late", max_attempts=3, base_seconds=1, max_seconds=1

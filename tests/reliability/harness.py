@@ -33,7 +33,8 @@ import numpy as np
 import numpy.typing as npt
 from psycopg import sql
 
-from tests.support.fake_openai import FakeOpenAIServer, _Snapshot, fake_vectors
+from queue_processor.testing import FakeOpenAIServer, fake_vectors
+from queue_processor.testing.protocol import Snapshot as _Snapshot
 from tests.support.helpers import DIMS, MODEL, connect, execute
 
 REPO = Path(__file__).resolve().parents[2]

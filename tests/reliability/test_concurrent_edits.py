@@ -17,6 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from queue_processor.testing import fake_vectors
 from tests.reliability.harness import (
     ChaosServer,
     Workers,
@@ -28,7 +29,6 @@ from tests.reliability.harness import (
     wait_for,
     worker_env,
 )
-from tests.support.fake_openai import fake_vectors
 from tests.support.helpers import DIMS, MODEL, connect, execute, make_docs
 
 ROWS = 200

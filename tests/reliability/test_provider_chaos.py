@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from queue_processor.testing import DROPPED, FAULT_KINDS
 from tests.reliability.harness import (
     ChaosServer,
     Workers,
@@ -23,7 +24,6 @@ from tests.reliability.harness import (
     wait_for,
     worker_env,
 )
-from tests.support.fake_openai import DROPPED, FAULT_KINDS
 from tests.support.helpers import execute, make_docs
 
 ROWS = 2_000

@@ -18,6 +18,7 @@ import secrets
 import pytest
 from psycopg import conninfo
 
+from queue_processor.testing import DROPPED
 from tests.reliability.harness import (
     ChaosServer,
     WorkerProcess,
@@ -27,7 +28,6 @@ from tests.reliability.harness import (
     wait_for,
     worker_env,
 )
-from tests.support.fake_openai import DROPPED
 from tests.support.helpers import execute, make_docs
 
 EXIT_CONFIG = 2

@@ -45,7 +45,7 @@ from psycopg import errors, sql
 
 from queue_processor.db import Database
 from queue_processor.migrations import migrate
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
+from queue_processor.testing import FakeOpenAIServer, fake_vector
 from tests.support.helpers import DIMS, cli_env, execute, run_cli, summary_counts
 
 if TYPE_CHECKING:

@@ -26,16 +26,17 @@ from queue_processor import queue
 from queue_processor.db import Database
 from queue_processor.errors import ConfigurationError
 from queue_processor.migrations import (
-    _VERSION_TABLE,
+    apply_migration,
     check_schema,
+    create_version_table,
     load_function_files,
     load_migrations,
     migrate,
     plan,
 )
+from queue_processor.testing import FakeOpenAIServer, fake_vector
 from queue_processor.worker import Worker
 from tests.security.conftest import Roles, Server
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
 from tests.support.helpers import make_provider, worker_config
 
 pytestmark = pytest.mark.anyio
@@ -68,10 +69,10 @@ async def test_migrate_refuses_a_schema_every_role_may_create_in(
 async def _install_previous_version(dsn: str) -> None:
     """Migrations 0001-0005 exactly as the previous version applied them."""
     async with Database(dsn) as db, db.connection(autocommit=True) as conn:
-        await db.execute_script(conn, _VERSION_TABLE)
+        await create_version_table(db, conn)
         for m in load_migrations():
             if m.version <= 5:
-                await db.apply_migration(conn, m.version, m.name, m.sql)
+                await apply_migration(db, conn, m)
 
 
 async def test_a_database_of_the_previous_version_upgrades_locked_down(

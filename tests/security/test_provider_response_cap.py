@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from queue_processor.errors import ProviderUnavailable
 from queue_processor.providers.openai import DEFAULT_MAX_RESPONSE_BYTES, OpenAIProvider
 from queue_processor.settings import Settings
-from tests.support.fake_openai import FakeOpenAIServer
+from queue_processor.testing import FakeOpenAIServer
 
 MODEL = "text-embedding-test"
 MiB = 1024 * 1024

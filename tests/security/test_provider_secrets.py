@@ -24,7 +24,7 @@ from queue_processor.cli import build_provider
 from queue_processor.errors import ConfigurationError, ProviderUnavailable
 from queue_processor.providers.openai import OpenAIProvider
 from queue_processor.settings import Settings
-from tests.support.fake_openai import FakeOpenAIServer
+from queue_processor.testing import FakeOpenAIServer
 
 MODEL = "text-embedding-test"
 

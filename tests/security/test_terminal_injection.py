@@ -30,7 +30,7 @@ from rich.console import Console
 from queue_processor.logconfig import configure_logging
 from queue_processor.queue import StatusReport
 from queue_processor.render import rows_table, status_renderable
-from tests.support.fake_openai import FakeOpenAIServer
+from queue_processor.testing import FakeOpenAIServer
 from tests.support.helpers import QUEUE_PROCESSOR, cli_env, execute
 
 LINK = "[link=http://evil.example/]click me[/link]"

@@ -26,8 +26,8 @@ from psycopg.rows import dict_row
 from pydantic import SecretStr
 
 from queue_processor.providers.openai import OpenAIProvider
+from queue_processor.testing import FakeOpenAIServer
 from queue_processor.worker import WorkerConfig
-from tests.support.fake_openai import FakeOpenAIServer
 
 DIMS = 8
 MODEL = "text-embedding-test"

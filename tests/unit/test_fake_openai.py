@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support.fake_openai import DROPPED, FakeOpenAIServer, fake_vector, fake_vectors
+from queue_processor.testing import DROPPED, FakeOpenAIServer, fake_vector, fake_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-fake-server-key-0123456789"
@@ -325,7 +325,7 @@ def test_subprocess_mode_prints_listening_and_serves_until_sigterm() -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    command = [sys.executable, "-m", "tests.support.fake_openai", "--port", "0", "--dims", "6"]
+    command = [sys.executable, "-m", "queue_processor.testing", "--port", "0", "--dims", "6"]
     command += ["--latency-ms", "1", "--seed", "3", "--api-key", KEY]
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

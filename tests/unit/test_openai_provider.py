@@ -32,8 +32,8 @@ from queue_processor.providers import (
     pack_requests,
     validate_vector,
 )
-from queue_processor.providers.openai import parse_duration_s, parse_retry_after_s, retry_hint_s
-from tests.support.fake_openai import FakeOpenAIServer, fake_vector
+from queue_processor.providers.http import parse_duration_s, parse_retry_after_s, retry_hint_s
+from queue_processor.testing import FakeOpenAIServer, fake_vector
 
 DIMS = 8
 KEY = "sk-test-SECRET-0123456789abcdef"

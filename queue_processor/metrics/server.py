@@ -1,28 +1,4 @@
-"""Prometheus metrics for ``run --metrics-port``, and the ``/healthz`` the service is judged by.
-
-Everything lives on a private ``CollectorRegistry`` owned by one ``Metrics`` object the CLI
-creates (no module-level metrics: tests and several workers in one process stay apart).
-Exposed names (``queue_processor_`` prefix):
-
-- ``items_total{outcome}``  items finished by outcome: done, failed, skipped (source row
-  gone), retried (back to pending after a provider outage), lost (claim superseded)
-- ``provider_requests_total{status}``  HTTP requests to the embedding API by status code
-  (or ``timeout`` / ``error`` when no response arrived)
-- ``tokens_total``  tokens the provider reported (estimated where it reported none)
-- ``lease_reclaims_total``  expired leases of dead or stalled workers taken over by ours
-- ``batch_seconds``  histogram of one batch from claim to acknowledgement
-- ``queue_depth{status}``  queue rows by status (``inbox``: bulk-inserted keys not yet
-  queued), refreshed by ``QueueDepthPoller``
-- ``last_progress_timestamp_seconds``  Unix time of the worker loop's last claim or batch
-
-``MetricsServer`` serves ``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200
-``ok``, or 503 with the reason) on a daemon thread; it is started and closed explicitly
-(``Metrics.serve`` wraps that in an async context manager). Its cost is bounded whatever
-clients do: idle or slow connections hold no thread and are dropped after a timeout, handler
-threads and open connections are capped (see ``MetricsServer``). Health is whatever callable
-the CLI passes in; ``progress_check``, ``QueueDepthPoller.health`` and ``all_of`` are the
-building blocks it combines.
-"""
+"""GET /metrics and /healthz on a daemon thread, bounded whatever clients do."""
 
 from __future__ import annotations
 
@@ -33,152 +9,27 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
-import anyio
 import structlog
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
 )
 
-from queue_processor.errors import ConfigurationError, QueueProcessorError
-from queue_processor.models import STATUSES
+from queue_processor.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from queue_processor.worker import BatchReport
+    from queue_processor.metrics.registry import Metrics
 
 log = structlog.get_logger(__name__)
 
 HealthCheck = Callable[[], tuple[bool, str]]
 """Returns ``(healthy, reason)``; the reason is shown by /healthz when unhealthy."""
-
-NAMESPACE: Final = "queue_processor"
-OUTCOMES: Final = ("done", "failed", "skipped", "retried", "lost")
-BATCH_SECONDS_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-class Metrics:
-    """The worker's metrics on a private registry. Methods are cheap and thread-safe.
-
-    ``clock`` (Unix seconds) and ``monotonic`` are injectable for tests.
-    """
-
-    def __init__(
-        self,
-        *,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._clock = clock
-        self._monotonic = monotonic
-        self.registry = CollectorRegistry(auto_describe=True)
-        common: dict[str, Any] = {"namespace": NAMESPACE, "registry": self.registry}
-        self.items = Counter("items", "Queue items finished, by outcome.", ["outcome"], **common)
-        self.provider_requests = Counter(
-            "provider_requests",
-            "HTTP requests to the embedding provider, by status code (or timeout/error).",
-            ["status"],
-            **common,
-        )
-        self.tokens = Counter("tokens", "Tokens embedded, as reported by the provider.", **common)
-        self.lease_reclaims = Counter(
-            "lease_reclaims",
-            "Expired leases of other (dead or stalled) claims taken over by this worker.",
-            **common,
-        )
-        self.batch_seconds = Histogram(
-            "batch_seconds",
-            "Seconds from claiming a batch to acknowledging it.",
-            buckets=BATCH_SECONDS_BUCKETS,
-            **common,
-        )
-        self.queue_depth = Gauge(
-            "queue_depth", "Rows in the embedding queue, by status.", ["status"], **common
-        )
-        self.last_progress = Gauge(
-            "last_progress_timestamp_seconds",
-            "Unix time of the worker loop's last claim or finished batch.",
-            **common,
-        )
-        # Known label values start at 0, so rates and alerts work before the first event.
-        for outcome in OUTCOMES:
-            self.items.labels(outcome=outcome)
-        for status in STATUSES:
-            self.queue_depth.labels(status=status)
-
-    def observe_batch(self, report: BatchReport) -> None:
-        """Count one finished batch; pass as a Worker observer (``observers=[m.observe_batch]``)."""
-        counts = {
-            "done": report.done,
-            "failed": report.failed,
-            "skipped": report.skipped,
-            "retried": report.retried,
-            "lost": report.lost,
-        }
-        for outcome, count in counts.items():
-            if count > 0:
-                self.items.labels(outcome=outcome).inc(count)
-        if report.tokens > 0:
-            self.tokens.inc(report.tokens)
-        self.batch_seconds.observe(max(0.0, report.seconds))
-        self.last_progress.set(self._clock())
-
-    def observe_claim(self, reclaimed: int, exhausted: int) -> None:
-        """Count a claim's expired leases taken over, and the items it failed outright because
-        their leases had expired too often (they never reach a batch report)."""
-        if reclaimed > 0:
-            self.lease_reclaims.inc(reclaimed)
-        if exhausted > 0:
-            self.items.labels(outcome="failed").inc(exhausted)
-
-    def observe_request(self, status: int | str) -> None:
-        """Count one provider HTTP request by status code (or ``timeout``/``error``)."""
-        self.provider_requests.labels(status=str(status)).inc()
-
-    def set_queue_depth(self, counts: Mapping[str, int]) -> None:
-        """Set queue depth by status; statuses missing from ``counts`` have no rows (0)."""
-        for status in STATUSES:
-            self.queue_depth.labels(status=status).set(counts.get(status, 0))
-        for other, count in counts.items():
-            if other not in STATUSES:
-                self.queue_depth.labels(status=other).set(count)
-
-    def track_progress(self, last_progress_at: Callable[[], float]) -> None:
-        """Report the worker's ``last_progress_at`` (a ``time.monotonic()`` value) as a Unix
-        timestamp, read at scrape time, so idle claims count as progress too."""
-
-        def unix_time() -> float:
-            return self._clock() - (self._monotonic() - last_progress_at())
-
-        self.last_progress.set_function(unix_time)
-
-    def render(self) -> bytes:
-        """The registry in Prometheus text format."""
-        return generate_latest(self.registry)
-
-    @asynccontextmanager
-    async def serve(
-        self, port: int, *, host: str = "127.0.0.1", health: HealthCheck | None = None
-    ) -> AsyncIterator[MetricsServer]:
-        """Serve /metrics and /healthz on ``host:port`` (0 picks a free port) until exit."""
-        server = MetricsServer(self, port=port, host=host, health=health)
-        server.start()
-        try:
-            yield server
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(server.close)
 
 
 def _always_healthy() -> tuple[bool, str]:
@@ -484,114 +335,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds are not worth a log line each."""
-
-
-# --- health building blocks --------------------------------------------------------------
-
-
-def progress_check(
-    last_progress_at: Callable[[], float],
-    stall_seconds: float,
-    *,
-    monotonic: Callable[[], float] = time.monotonic,
-) -> HealthCheck:
-    """Healthy while the worker loop progressed (a claim, even an empty one, or a finished
-    batch) within ``stall_seconds``. ``last_progress_at`` returns a ``time.monotonic()``
-    value, e.g. ``lambda: worker.last_progress_at``."""
-
-    def check() -> tuple[bool, str]:
-        idle_s = monotonic() - last_progress_at()
-        if idle_s > stall_seconds:
-            return False, (
-                f"worker loop made no progress for {idle_s:.0f}s (limit {stall_seconds:.0f}s)"
-            )
-        return True, f"worker loop progressed {idle_s:.1f}s ago"
-
-    return check
-
-
-def all_of(*checks: HealthCheck) -> HealthCheck:
-    """Healthy when every check is; otherwise the reasons of the failing ones."""
-
-    def check() -> tuple[bool, str]:
-        failures = [reason for ok, reason in (c() for c in checks) if not ok]
-        return (False, "; ".join(failures)) if failures else (True, "ok")
-
-    return check
-
-
-class QueueDepthPoller:
-    """Refreshes ``queue_depth`` every ``interval_seconds`` with ``fetch()`` (a query of row
-    counts by status); each refresh doubles as the database health check.
-
-    ``health()`` is unhealthy before the first successful refresh, after a failed one, and
-    when the last success is older than ``stale_after_seconds`` (default: three intervals),
-    which also catches a refresher that hangs. Database errors (``QueueProcessorError``) are
-    caught and logged on change; anything else is a bug and propagates.
-    """
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        fetch: Callable[[], Awaitable[Mapping[str, int]]],
-        *,
-        interval_seconds: float = 15.0,
-        timeout_seconds: float | None = None,
-        stale_after_seconds: float | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if interval_seconds <= 0:
-            raise ValueError("interval_seconds must be positive")
-        self._metrics = metrics
-        self._fetch = fetch
-        self.interval_seconds = interval_seconds
-        self.timeout_seconds = timeout_seconds or max(interval_seconds, 10.0)
-        self.stale_after_seconds = (
-            stale_after_seconds or 3 * interval_seconds + self.timeout_seconds
-        )
-        self._monotonic = monotonic
-        self._last_ok_at: float | None = None
-        self._error: str | None = "no database check has completed yet"
-        self._failing = False
-
-    async def refresh(self) -> bool:
-        """Query once and update the gauge; True on success."""
-        error: str | None = None
-        counts: Mapping[str, int] | None = None
-        with anyio.move_on_after(self.timeout_seconds):
-            try:
-                counts = await self._fetch()
-            except QueueProcessorError as exc:
-                error = f"database check failed: {exc}"
-        if counts is None and error is None:
-            error = f"database check timed out after {self.timeout_seconds:g}s"
-        if error is not None:
-            if not self._failing:
-                log.warning("database_check_failed", error=error)
-            self._error = error
-            self._failing = True
-            return False
-        assert counts is not None
-        self._metrics.set_queue_depth(counts)
-        if self._failing:
-            log.info("database_check_recovered")
-        self._error = None
-        self._failing = False
-        self._last_ok_at = self._monotonic()
-        return True
-
-    async def run(self) -> None:
-        """Refresh now and then every interval, until cancelled."""
-        while True:
-            await self.refresh()
-            await anyio.sleep(self.interval_seconds)
-
-    def health(self) -> tuple[bool, str]:
-        """``(True, ...)`` when the last database check succeeded recently."""
-        if self._error is not None:
-            return False, self._error
-        assert self._last_ok_at is not None
-        age_s = self._monotonic() - self._last_ok_at
-        if age_s > self.stale_after_seconds:
-            return False, f"last successful database check was {age_s:.0f}s ago"
-        return True, f"database checked {age_s:.1f}s ago"

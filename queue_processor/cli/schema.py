@@ -1,0 +1,156 @@
+"""Installing things in the database: ``migrate``, ``register``, ``unregister``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+from queue_processor import queue
+from queue_processor.cli.args import Subparsers, out
+from queue_processor.cli.factories import open_database
+from queue_processor.cli.lookup import find_target
+from queue_processor.errors import EXIT_FAILED, EXIT_OK, UsageError
+from queue_processor.migrations import check_schema, migrate, plan
+from queue_processor.settings import Settings
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Apply pending migrations and changed function files (or, --dry-run, list them)."""
+    if args.dry_run:
+        await _print_plan(settings)
+        return EXIT_OK
+    async with open_database(settings, max_size=1) as db:
+        applied = await migrate(db, allow_unsafe_schema=args.allow_unsafe_schema)
+    if applied:
+        out(f"applied migrations: {', '.join(f'{v:04d}' for v in applied)}")
+    else:
+        out("schema is up to date")
+    return EXIT_OK
+
+
+async def _print_plan(settings: Settings) -> None:
+    """What ``migrate`` would do (and whether it would refuse), changing nothing."""
+    async with open_database(settings, max_size=1) as db:
+        todo = await plan(db)
+    if todo.schema_creators:
+        out(
+            f"would refuse: roles other than its owner may CREATE in schema "
+            f"{settings.queue_schema!r} ({todo.schema_creators}); see --allow-unsafe-schema"
+        )
+    if todo.up_to_date:
+        out("schema is up to date")
+    for m in todo.migrations:
+        out(f"would apply migration {m.version:04d}_{m.name}")
+    if todo.function_files:
+        out(
+            f"would apply function files {', '.join(todo.function_files)}, then regenerate "
+            "every registered target's triggers and re-grant every worker role"
+        )
+
+
+async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
+    """Register a target (optionally creating its column and index, queueing existing rows)."""
+    # Operators type '\n' for a newline; decode backslash escapes but keep non-ASCII text.
+    template = (
+        args.template.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        if args.template
+        else None
+    )
+    if args.create_column and not args.dimensions:
+        raise UsageError("--create-column needs --dimensions N")
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        if args.create_column:
+            kind = await queue.add_embedding_column(db, args.table, args.column, args.dimensions)
+            out(f"column {args.column} is {kind}({args.dimensions})")
+        label = await queue.register_target(
+            db,
+            args.table,
+            args.column,
+            content_columns=args.content or None,
+            template=template,
+            id_column=args.id_column,
+            model=args.model,
+            dimensions=args.dimensions,
+            model_column=args.model_column,
+            generated_at_column=args.generated_at_column,
+        )
+        if args.index:
+            target = await find_target(db, label, args.column)
+            index = await queue.create_hnsw_index(db, target)
+            out(f"index {index} (hnsw, cosine, m=16, ef_construction=64)")
+        if args.backfill:
+            mode: Literal["missing", "all"] = "all" if args.backfill == "all" else "missing"
+            queued = await queue.backfill(db, label, args.column, mode)
+            out(f"queued for embedding: {queued} row(s) ({mode})")
+    out(f"registered {label}.{args.column}")
+    return EXIT_OK
+
+
+async def cmd_unregister(args: argparse.Namespace, settings: Settings) -> int:
+    """Remove a target; EXIT_FAILED when there was none."""
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        removed = await queue.unregister_target(db, args.table, args.column)
+    out(f"unregistered {args.table}.{args.column}" if removed else "no such target")
+    return EXIT_OK if removed else EXIT_FAILED
+
+
+def add_parsers(sub: Subparsers) -> None:
+    """Add ``migrate``, ``register`` and ``unregister``."""
+    p = sub.add_parser("migrate", help="install or upgrade the queue schema")
+    p.add_argument(
+        "--allow-unsafe-schema",
+        action="store_true",
+        help="install even though roles other than its owner may CREATE in the queue schema "
+        "(they could then run code as the owner; warns)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be applied; change nothing"
+    )
+    p.set_defaults(func=cmd_migrate)
+
+    _add_register_parser(sub)
+
+    p = sub.add_parser("unregister", help="remove a target, its triggers and its queue rows")
+    p.add_argument("table", help="the target's table label as shown by status")
+    p.add_argument("--column", required=True)
+    p.set_defaults(func=cmd_unregister)
+
+
+def _add_register_parser(sub: Subparsers) -> None:
+    """Add ``register``, the command with the most options."""
+    p = sub.add_parser(
+        "register",
+        help="register TABLE's embedding column and install its triggers",
+        description="Register a (table, embedding column) target: triggers queue every insert "
+        "and content change. Content is one or more --content columns or a --template.",
+    )
+    p.add_argument("table", help="table name, optionally schema-qualified ('app.docs')")
+    p.add_argument("--column", required=True, help="the embedding column to fill")
+    content = p.add_mutually_exclusive_group(required=True)
+    content.add_argument(
+        "--content", action="append", metavar="COL", help="content column (repeatable)"
+    )
+    content.add_argument(
+        "--template", help=r"content template, e.g. 'Title: {title}\nGenre: {genre}'"
+    )
+    p.add_argument("--id-column", help="unique key column (default: the primary key)")
+    p.add_argument("--model", help="model for this target (informational)")
+    p.add_argument("--dimensions", type=int, help="expected vector dimensions")
+    p.add_argument("--model-column", help="companion column filled with the model name")
+    p.add_argument("--generated-at-column", help="companion column filled with the write time")
+    p.add_argument(
+        "--create-column",
+        action="store_true",
+        help="add the column as vector(N) (halfvec above 2000 dims); needs --dimensions",
+    )
+    p.add_argument("--index", choices=["hnsw"], help="create a cosine HNSW index for search")
+    p.add_argument(
+        "--backfill",
+        nargs="?",
+        const="missing",
+        choices=["missing", "all"],
+        help="queue existing rows now (default: those whose embedding is NULL)",
+    )
+    p.set_defaults(func=cmd_register)

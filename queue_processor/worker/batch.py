@@ -1,0 +1,320 @@
+"""One claimed batch -> a ``BatchReport``: validate, embed, write and acknowledge.
+
+Items are checked against the target registry (registered target, non-empty content, a key
+of the target's id type); the valid ones go to the provider in one ``embed`` call (it packs
+and parallelises requests); each vector that fits its column is written, and the whole batch
+acknowledged, in one transaction whose statements check that the claim still stands. When
+the provider is unavailable the batch goes back to pending with backoff instead.
+
+The database work happens inside ``write_turn()``, a context the loop provides: that is
+where the loop holds a batch's write slot and lets the next batch embed meanwhile. Database
+outages are retried while the lease stands (``retry_database``); past that the
+DatabaseUnavailable propagates and the claim is left to expire.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
+
+import structlog
+
+from queue_processor import queue
+from queue_processor.backoff import retry_database
+from queue_processor.db import Database
+from queue_processor.errors import PermanentError, StatementFailed, TransientError
+from queue_processor.models import Claim, ClaimToken, ItemFailure, QueueId, QueueItem, Target
+from queue_processor.providers.base import EmbeddingProvider, EmbedResult
+from queue_processor.targets import parse_record_id
+from queue_processor.worker.config import WorkerConfig
+from queue_processor.worker.report import BatchReport
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+TargetKey = tuple[str, str]
+WriteTurn = Callable[[], AbstractAsyncContextManager[object]]
+"""Entered around a batch's database work, once the provider is done with it."""
+
+_BLANK = " \t\n\r\f\v"
+
+
+@dataclass(frozen=True)
+class _Work:
+    """A valid item: where its vector goes, under which key."""
+
+    item: QueueItem
+    target: Target
+    key: str
+
+
+class TargetRegistry:
+    """The registered targets, as of at most ``config.target_cache_seconds`` ago; a batch
+    naming a target not seen yet (registered since) reloads them at once."""
+
+    def __init__(self, db: Database, config: WorkerConfig) -> None:
+        self._db = db
+        self._config = config
+        self._targets: dict[TargetKey, Target] = {}
+        self._loaded_at = -float("inf")
+
+    async def resolve(self, items: Sequence[QueueItem]) -> dict[TargetKey, Target]:
+        """The registry, fresh enough for ``items`` (retrying through a database outage)."""
+        keys = {(i.table_name, i.embedding_column) for i in items}
+        stale = time.monotonic() - self._loaded_at > self._config.target_cache_seconds
+        if stale or not keys <= self._targets.keys():
+            loaded = await retry_database(
+                partial(queue.list_targets, self._db),
+                within_seconds=self._config.lease_seconds,
+            )
+            self._targets = {t.key: t for t in loaded}
+            self._loaded_at = time.monotonic()
+        return self._targets
+
+
+class BatchProcessor:
+    """Turns claimed batches into reports; one per worker, shared by its batches."""
+
+    def __init__(self, db: Database, provider: EmbeddingProvider, config: WorkerConfig) -> None:
+        self._db = db
+        self._provider = provider
+        self._config = config
+        self._targets = TargetRegistry(db, config)
+
+    async def process(self, claim: Claim, write_turn: WriteTurn) -> BatchReport:
+        """Validate, embed, then (inside ``write_turn()``) write and acknowledge ``claim``.
+
+        Raises what the loop acts on: ConfigurationError (the provider refuses our settings),
+        DatabaseUnavailable (an outage outlasted the lease), cancellation."""
+        started = time.monotonic()
+        targets = await self._targets.resolve(claim.items)
+        work, failures = validate(claim.items, targets)
+        try:
+            embedded = await self._embed([w.item.content or "" for w in work])
+        except TransientError as exc:
+            async with write_turn():
+                return await self._retry_later(claim, work, failures, exc, started)
+        writes, rejected = match_vectors(work, embedded)
+        failures += rejected
+        usage = queue.Usage(self._config.owner, len(work), embedded.tokens, embedded.requests)
+        async with write_turn():
+            outcome = await self._complete(claim.token, writes, failures, usage)
+        report = BatchReport(
+            items=len(claim.items),
+            done=len(outcome.done) - len(outcome.missing),
+            failed=len(outcome.failed),
+            skipped=len(outcome.missing),
+            retried=0,
+            lost=len(outcome.lost),
+            tokens=embedded.tokens,
+            requests=embedded.requests,
+            seconds=time.monotonic() - started,
+            cached=embedded.cached,
+        )
+        _log_written(report, failures, outcome)
+        return report
+
+    async def _embed(self, texts: list[str]) -> EmbedResult:
+        # A batch of invalid items only is acknowledged without a provider call.
+        if not texts:
+            return EmbedResult(vectors=[])
+        return await self._provider.embed(texts)
+
+    async def _retry_later(
+        self,
+        claim: Claim,
+        work: list[_Work],
+        failures: list[ItemFailure],
+        error: TransientError,
+        started: float,
+    ) -> BatchReport:
+        """The provider is unavailable: items go back to pending with backoff (or fail once
+        their attempts are used up); items already known to be bad fail now."""
+        cfg = self._config
+        items = [w.item for w in work]
+        retried, failed = await self._persist(
+            partial(
+                queue.schedule_retry,
+                self._db,
+                claim.token,
+                items,
+                str(error),
+                max_attempts=cfg.max_attempts,
+                base_seconds=cfg.retry_base_seconds,
+                max_seconds=cfg.retry_max_seconds,
+                retry_after_seconds=error.retry_after_seconds,
+            )
+        )
+        failed_now = await self._persist(partial(queue.fail, self._db, claim.token, failures))
+        log.warning(
+            "batch_retry",
+            items=len(items),
+            retried=len(retried),
+            failed=len(failed),
+            error=str(error),
+        )
+        return BatchReport(
+            items=len(claim.items),
+            done=0,
+            failed=len(failed) + len(failed_now),
+            skipped=0,
+            retried=len(retried),
+            lost=0,
+            tokens=0,
+            requests=0,
+            seconds=time.monotonic() - started,
+            sent_back=True,
+        )
+
+    async def _complete(
+        self,
+        token: ClaimToken,
+        writes: list[queue.Write],
+        failures: list[ItemFailure],
+        usage: queue.Usage,
+    ) -> queue.CompleteResult:
+        """Write and acknowledge the batch in one transaction. If Postgres rejects a write
+        (a dropped column, a dimension check, permissions...), write each target on its own
+        so the others still land, and fail the rejected target's items."""
+        try:
+            return await self._persist(
+                partial(
+                    queue.complete,
+                    self._db,
+                    token,
+                    writes,
+                    failures,
+                    model=self._provider.model,
+                    usage=usage,
+                )
+            )
+        except StatementFailed as exc:
+            log.warning("batch_write_failed", error=str(exc), note="retrying per target")
+        return await self._complete_per_target(token, writes, failures)
+
+    async def _complete_per_target(
+        self, token: ClaimToken, writes: list[queue.Write], failures: list[ItemFailure]
+    ) -> queue.CompleteResult:
+        groups: dict[TargetKey, list[queue.Write]] = {}
+        for w in writes:
+            groups.setdefault(w.target.key, []).append(w)
+        done: list[QueueId] = []
+        missing: list[QueueId] = []
+        lost: list[QueueId] = []
+        rejected = list(failures)
+        for group in groups.values():
+            try:
+                part = await self._persist(
+                    partial(queue.complete, self._db, token, group, [], model=self._provider.model)
+                )
+            except StatementFailed as exc:
+                rejected += [_write_rejected(w, exc) for w in group]
+                continue
+            done += part.done
+            missing += part.missing
+            lost += part.lost
+        failed = await self._persist(partial(queue.fail, self._db, token, rejected))
+        return queue.CompleteResult(tuple(done), tuple(missing), failed, tuple(lost))
+
+    async def _persist(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a database operation, retrying through outages while our lease still stands
+        (the renewal loop keeps it); after that the claim is lost anyway."""
+        return await retry_database(op, within_seconds=self._config.lease_seconds)
+
+
+def validate(
+    items: Sequence[QueueItem], targets: dict[TargetKey, Target]
+) -> tuple[list[_Work], list[ItemFailure]]:
+    """Split claimed items into work for the provider and items that fail without it."""
+    work: list[_Work] = []
+    failures: list[ItemFailure] = []
+    for item in items:
+        target = targets.get((item.table_name, item.embedding_column))
+        if target is None:
+            failures.append(ItemFailure(item, "unregistered_target", _unregistered(item)))
+            continue
+        if item.content is None or not item.content.strip(_BLANK):
+            message = "content is empty (NULL or whitespace only); not embedded"
+            failures.append(ItemFailure(item, "empty_content", message))
+            continue
+        try:
+            key = parse_record_id(target, item.record_id)
+        except PermanentError as exc:
+            failures.append(ItemFailure(item, "invalid_record_id", str(exc)))
+            continue
+        work.append(_Work(item, target, key))
+    return work, failures
+
+
+def match_vectors(
+    work: Sequence[_Work], embedded: EmbedResult
+) -> tuple[list[queue.Write], list[ItemFailure]]:
+    """Pair each item with its vector (aligned with ``work``); items without a vector, or
+    with one that does not fit their column, fail."""
+    writes: list[queue.Write] = []
+    failures: list[ItemFailure] = []
+    for index, w in enumerate(work):
+        vector = embedded.vectors[index]
+        if vector is None:
+            message = embedded.errors.get(index, "provider returned no vector")
+            failures.append(ItemFailure(w.item, "provider_rejected", message))
+        elif w.target.dimensions is not None and vector.shape[0] != w.target.dimensions:
+            message = _dims_mismatch(w.target, int(vector.shape[0]))
+            failures.append(ItemFailure(w.item, "dimension_mismatch", message))
+        else:
+            writes.append(queue.Write(w.item, w.target, w.key, vector))
+    return writes, failures
+
+
+def _log_written(
+    report: BatchReport, failures: Sequence[ItemFailure], outcome: queue.CompleteResult
+) -> None:
+    for failure in failures:
+        if failure.item.id in outcome.failed:
+            item = failure.item
+            log.warning(
+                "item_failed",
+                queue_id=item.id,
+                table=item.table_name,
+                column=item.embedding_column,
+                record_id=item.record_id,
+                reason=failure.reason,
+                error=failure.message,
+            )
+    if outcome.lost:
+        log.info("claims_superseded", items=len(outcome.lost), note="nothing written")
+    log.info(
+        "batch_done",
+        items=report.items,
+        done=report.done,
+        skipped=report.skipped,
+        failed=report.failed,
+        lost=report.lost,
+        tokens=report.tokens,
+        requests=report.requests,
+        ms=round(report.seconds * 1000, 1),
+    )
+
+
+def _unregistered(item: QueueItem) -> str:
+    return (
+        f"unregistered target: {item.table_name[:100]!r}.{item.embedding_column[:100]!r} is not "
+        "in embedding_targets; nothing was executed"
+    )
+
+
+def _dims_mismatch(target: Target, got: int) -> str:
+    return (
+        f"model returned {got} dimensions but {target.table_name}.{target.embedding_column} "
+        f"holds {target.dimensions}"
+    )
+
+
+def _write_rejected(write: queue.Write, error: StatementFailed) -> ItemFailure:
+    target = write.target
+    message = f"writing {target.table_name}.{target.embedding_column} failed: {error}"
+    return ItemFailure(write.item, "write_rejected", message)
