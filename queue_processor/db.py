@@ -36,7 +36,12 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from queue_processor import queries
-from queue_processor.errors import ConfigurationError, DatabaseUnavailable, StatementFailed
+from queue_processor.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    StatementFailed,
+    first_line,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -142,13 +147,8 @@ def translate_errors() -> Iterator[None]:
             isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
             and not isinstance(exc, psycopg.errors.QueryCanceled)
         ) or sqlstate in _RETRYABLE_SQLSTATES:
-            raise DatabaseUnavailable(f"database unavailable: {_first_line(exc)}") from exc
-        raise StatementFailed(_first_line(exc), sqlstate=sqlstate) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+            raise DatabaseUnavailable(f"database unavailable: {first_line(exc)}") from exc
+        raise StatementFailed(first_line(exc), sqlstate=sqlstate) from exc
 
 
 def _quote_ident(name: str) -> str:

@@ -40,6 +40,8 @@ from queue_processor.providers.base import EmbeddingProvider, Vector
 from queue_processor.worker import BatchReport, RunSummary, Worker, WorkerConfig
 
 TABLE = "public.demo_documents"
+DEMO_BATCH_SIZE = 32
+"""The demo's claim size: small enough that the progress bar moves batch by batch."""
 TABLE_LABEL = "demo_documents"
 """The label queue rows carry (tables in schema public are labelled by their bare name)."""
 COLUMN = "embedding"
@@ -108,13 +110,13 @@ async def run_demo(
     provider: EmbeddingProvider,
     *,
     console: Console,
-    batch_size: int = 32,
+    config: WorkerConfig,
 ) -> int:
     """Run the demo on ``db`` with ``provider``, printing to ``console``; return 0 on success
     and 1 when a check fails (rows left without a vector, a re-embed that touched other rows).
 
     Side effects: migrates the queue schema, (re)creates and fills ``public.demo_documents``
-    and registers it as a target. ``batch_size`` is the worker's claim size.
+    and registers it as a target. ``config`` is the worker's (``DEMO_BATCH_SIZE`` per claim).
     """
     started = time.monotonic()
     console.print(Text("queue-processor demo", style="bold"))
@@ -161,7 +163,7 @@ async def run_demo(
         f"{await _pending(db, label)} rows",
     )
 
-    summary = await _drain(db, provider, console, label, batch_size, "Embedding")
+    summary = await _drain(db, provider, console, label, config, "Embedding")
     _ok(
         console,
         f"embedded {summary.processed} documents in {summary.duration_seconds:.1f} s "
@@ -184,7 +186,7 @@ async def run_demo(
         hits = await _search(db, provider, vector, query, k=5)
         console.print(_hits_table(f'Search: "{query}"', hits, expected))
 
-    ok = await _rewrite_one(db, provider, vector, console, label, batch_size)
+    ok = await _rewrite_one(db, provider, vector, console, label, config)
     if not ok:
         return 1
     console.print(f"\nDone in {time.monotonic() - started:.1f} s. Look around with psql:")
@@ -274,7 +276,7 @@ async def _drain(
     provider: EmbeddingProvider,
     console: Console,
     label: str,
-    batch_size: int,
+    config: WorkerConfig,
     description: str,
 ) -> RunSummary:
     """Run a worker until nothing is claimable, advancing a progress bar per batch."""
@@ -291,7 +293,7 @@ async def _drain(
         def advance(report: BatchReport) -> None:
             progress.advance(task, report.done + report.failed + report.skipped)
 
-        worker = Worker(db, provider, WorkerConfig(batch_size=batch_size), observers=[advance])
+        worker = Worker(db, provider, config, observers=[advance])
         return await worker.run("drain")
 
 
@@ -345,7 +347,7 @@ async def _rewrite_one(
     vector: _Vector,
     console: Console,
     label: str,
-    batch_size: int,
+    config: WorkerConfig,
 ) -> bool:
     """Rewrite one row, drain again and check that exactly that row was re-embedded."""
     async with db.connection() as conn:
@@ -371,7 +373,7 @@ async def _rewrite_one(
     console.print(
         f"The update trigger queued {queued} row{'' if queued == 1 else 's'}; draining again:"
     )
-    summary = await _drain(db, provider, console, label, batch_size, "Re-embedding")
+    summary = await _drain(db, provider, console, label, config, "Re-embedding")
 
     async with db.connection() as conn:
         after = await db.fetch_one(conn, _statement("get_document"), {"id": document_id})

@@ -85,3 +85,9 @@ class StatementFailed(PermanentError):
 
 class InvalidRecordId(PermanentError):
     """A queue row's record_id cannot be a key of its target's type."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``str(exc)`` for a one-line message (the class name when empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,4 +1,4 @@
-"""All configuration, read from the environment once, at the edge (cli.py).
+"""All configuration, read from the environment once, at the edge (cli/factories.py).
 
 Environment variable names are the field names in upper case (``DATABASE_URL``,
 ``OPENAI_API_KEY``, ``EMBEDDING_MODEL``...); queue_processor's own knobs carry the
@@ -18,7 +18,6 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from queue_processor.models import MAX_CLAIM_BYTES, MAX_CONTENT_CHARS
-from queue_processor.providers.local import DEFAULT_LOCAL_MODEL
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
@@ -112,7 +111,18 @@ class Settings(BaseSettings):
     max_claim_bytes: int = Field(
         default=MAX_CLAIM_BYTES, gt=0, alias="QUEUE_PROCESSOR_MAX_CLAIM_BYTES"
     )
+    # How long a worker trusts its copy of the target registry before a batch reloads it (a
+    # batch naming a target it has not seen reloads at once).
+    target_cache_seconds: float = Field(
+        default=30.0, gt=0, alias="QUEUE_PROCESSOR_TARGET_CACHE_SECONDS"
+    )
+    # However many NOTIFYs arrive (any role may send one), an empty queue is scanned again at
+    # most this often.
+    min_rescan_seconds: float = Field(
+        default=0.25, ge=0, alias="QUEUE_PROCESSOR_MIN_RESCAN_SECONDS"
+    )
     embedding_cache: bool = Field(default=False, alias="EMBEDDING_CACHE")
+    # claimed_by of the worker's claims; unset means host:pid.
     worker_name: str | None = Field(default=None, alias="QUEUE_PROCESSOR_WORKER_NAME")
 
     # Logging.
@@ -176,4 +186,3 @@ def _credential_error(path: Path, problem: str) -> ValidationError:
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OPENAI_DEFAULT_MODEL = "text-embedding-3-small"
-LOCAL_DEFAULT_MODEL = DEFAULT_LOCAL_MODEL  # defined once, in providers/local.py

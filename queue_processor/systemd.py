@@ -8,7 +8,7 @@ the service started. With ``WatchdogSec=`` it also sets ``WATCHDOG_USEC`` (and
 ``systemctl status``.
 
 ``SystemdNotifier`` reads those variables once, from a mapping the CLI passes in (only
-cli.py reads the environment). Every method is a no-op without ``NOTIFY_SOCKET`` and none
+the CLI reads the environment). Every method is a no-op without ``NOTIFY_SOCKET`` and none
 raises: a notification that cannot be delivered is logged as a warning, because a service
 that fails only because its supervisor went away would be worse than a missed ping.
 ``watchdog_loop`` pings only while a health callable says the process is making progress, so

@@ -21,10 +21,10 @@ from queue_processor.db import Database
 from queue_processor.errors import ConfigurationError
 from queue_processor.metrics import HealthCheck, Metrics, QueueDepthPoller, all_of, progress_check
 from queue_processor.migrations import check_schema
-from queue_processor.providers.base import EmbeddingProvider, RateLimiter
+from queue_processor.providers import EmbeddingProvider, RateLimiter
+from queue_processor.providers.local import DEFAULT_LOCAL_MODEL
 from queue_processor.providers.openai import OpenAIProvider
 from queue_processor.settings import (
-    LOCAL_DEFAULT_MODEL,
     OPENAI_DEFAULT_BASE_URL,
     OPENAI_DEFAULT_MODEL,
     Settings,
@@ -84,7 +84,7 @@ def model_name(settings: Settings) -> str:
         choice = provider_choice(settings)
     except ConfigurationError:
         choice = "openai"
-    return LOCAL_DEFAULT_MODEL if choice == "local" else OPENAI_DEFAULT_MODEL
+    return DEFAULT_LOCAL_MODEL if choice == "local" else OPENAI_DEFAULT_MODEL
 
 
 def build_provider(
@@ -147,6 +147,8 @@ def worker_config(
         requested_dimensions=settings.embedding_dimensions,
         max_content_chars=settings.max_content_chars,
         max_claim_bytes=settings.max_claim_bytes,
+        target_cache_seconds=settings.target_cache_seconds,
+        min_rescan_seconds=settings.min_rescan_seconds,
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from queue_processor.cli.args import Subparsers, out
-from queue_processor.cli.factories import build_provider, open_database, resolve_dsn
+from queue_processor.cli.factories import build_provider, open_database, resolve_dsn, worker_config
 from queue_processor.errors import EXIT_OK, UsageError
 from queue_processor.logconfig import configure_logging
 from queue_processor.migrations import migrate
@@ -23,7 +23,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Install the schema and run the narrated demo; its exit code is the demo's."""
     from rich.console import Console
 
-    from queue_processor.demo import run_demo
+    from queue_processor.demo import DEMO_BATCH_SIZE, run_demo
 
     if settings.log_level.lower() == "info":
         # The demo narrates with its own output; per-batch info events would interleave.
@@ -33,7 +33,8 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         build_provider(settings) as provider,
     ):
         await migrate(db)
-        return await run_demo(db, provider, console=Console())
+        config = worker_config(settings, batch_size=DEMO_BATCH_SIZE, concurrency=1)
+        return await run_demo(db, provider, console=Console(), config=config)
 
 
 async def cmd_db_stop(args: argparse.Namespace, settings: Settings) -> int:

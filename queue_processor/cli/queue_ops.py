@@ -1,5 +1,5 @@
 """Operating the queue: ``status``, ``requeue``, ``enqueue``, ``estimate``, ``search``,
-``purge``. Each command asks the repository (queue.py) and formats the answer, as a table
+``purge``. Each command asks the repository (``queue``) and formats the answer, as a table
 or, with ``--json``, as JSON on stdout."""
 
 from __future__ import annotations

@@ -30,9 +30,6 @@ import structlog
 
 from queue_processor.errors import ConfigurationError, ProviderUnavailable
 
-# Re-exported for callers that import it from here; its home is providers/ratelimit.py.
-from queue_processor.providers.ratelimit import RateLimiter as RateLimiter
-
 log = structlog.get_logger(__name__)
 
 Vector: TypeAlias = npt.NDArray[np.float32]
@@ -355,9 +352,3 @@ def require(condition: bool, message: str) -> None:
     """Raise ``ConfigurationError(message)`` unless ``condition``: for checking settings."""
     if not condition:
         raise ConfigurationError(message)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of ``str(exc)`` for a one-line message ("no details" when empty)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"

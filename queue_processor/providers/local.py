@@ -34,13 +34,12 @@ import anyio.to_thread
 import numpy as np
 import structlog
 
-from queue_processor.errors import ConfigurationError, ProviderUnavailable
+from queue_processor.errors import ConfigurationError, ProviderUnavailable, first_line
 from queue_processor.providers.base import (
     BatchingProvider,
     RequestResult,
     Usage,
     estimate_tokens,
-    first_line,
     require,
 )
 

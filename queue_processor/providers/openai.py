@@ -35,7 +35,6 @@ from pydantic import SecretStr
 from queue_processor.errors import ConfigurationError, ProviderUnavailable
 from queue_processor.providers.base import (
     BatchingProvider,
-    RateLimiter,
     RequestResult,
     Usage,
     estimate_tokens,
@@ -58,6 +57,7 @@ from queue_processor.providers.openai_protocol import (
     says_model_missing,
     usage_tokens,
 )
+from queue_processor.providers.ratelimit import RateLimiter
 
 log = structlog.get_logger(__name__)
 

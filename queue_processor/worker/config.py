@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from queue_processor.db import Database
-from queue_processor.models import MAX_CLAIM_BYTES, MAX_CONTENT_CHARS
 from queue_processor.providers.base import EmbeddingProvider
 from queue_processor.providers.cached import CachedProvider
 from queue_processor.queue import EmbeddingCacheStore
@@ -23,31 +22,36 @@ def default_owner() -> str:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """How a worker claims and paces work. Units are in the names."""
+    """How a worker claims and paces work. Units are in the names.
 
-    batch_size: int = 100
-    delay_ms: int = 0
-    concurrency: int = 1
-    lease_seconds: float = 300.0
-    max_attempts: int = 3
-    retry_base_seconds: float = 10.0
-    retry_max_seconds: float = 3600.0
-    poll_interval_seconds: float = 5.0
-    shutdown_grace_seconds: float = 30.0
-    owner: str = field(default_factory=default_owner)
-    target_cache_seconds: float = 30.0
-    # Opt-in: serve already-embedded texts from embedding_cache instead of the provider. The
-    # worker does not read it: the composition root wraps the provider (``with_cache``).
-    cache: bool = False
+    No defaults of its own: the values come from ``Settings`` (whose fields document them),
+    through ``cli.factories.worker_config``, the one place a WorkerConfig is built."""
+
+    batch_size: int
+    delay_ms: int
+    concurrency: int
+    lease_seconds: float
+    max_attempts: int
+    retry_base_seconds: float
+    retry_max_seconds: float
+    poll_interval_seconds: float
+    shutdown_grace_seconds: float
+    # claimed_by of this worker's claims (default_owner(): host and pid).
+    owner: str
+    # How long the registry of targets is trusted before a batch reloads it.
+    target_cache_seconds: float
+    # Serve already-embedded texts from embedding_cache instead of the provider. The worker
+    # does not read it: the composition root wraps the provider (``with_cache``).
+    cache: bool
     # The dimensions requested from the provider (None = the model's default): part of the
     # cache key, since the same model gives different vectors at different dimensions.
-    requested_dimensions: int | None = None
+    requested_dimensions: int | None
     # What one claim may load (see queries.sql, claim_batch).
-    max_content_chars: int = MAX_CONTENT_CHARS
-    max_claim_bytes: int = MAX_CLAIM_BYTES
+    max_content_chars: int
+    max_claim_bytes: int
     # However many NOTIFYs arrive (any role may send one), an empty queue is scanned again at
     # most this often; new work still wakes the loop at once after a quiet period.
-    min_rescan_seconds: float = 0.25
+    min_rescan_seconds: float
 
 
 def with_cache(

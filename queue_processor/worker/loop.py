@@ -17,7 +17,7 @@ is the fallback). Stopping is a request: ``stop()`` ends claiming, in-flight bat
 whose provider rejects our configuration closes claiming, gives its claims back and stops
 the run with its ConfigurationError.
 
-No SQL lives here: the repository (queue.py) owns every statement.
+No SQL lives here: the repository (``queue``) owns every statement.
 """
 
 from __future__ import annotations

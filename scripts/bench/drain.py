@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,9 +11,11 @@ import anyio
 
 from bench.config import MODEL
 from bench.cpu import CpuProbe, cpu_delta
+from queue_processor.cli.factories import worker_config
 from queue_processor.db import Database
 from queue_processor.providers import EmbeddingProvider, OpenAIProvider
-from queue_processor.worker import Worker, WorkerConfig
+from queue_processor.settings import Settings
+from queue_processor.worker import Worker
 
 
 @dataclass
@@ -44,7 +47,12 @@ def drain_in_process(
     run: the pool is open and a local model loaded before it starts."""
 
     async def run() -> Drain:
-        config = WorkerConfig(batch_size=batch_size, concurrency=concurrency, owner="bench")
+        config = dataclasses.replace(
+            worker_config(
+                Settings.model_construct(), batch_size=batch_size, concurrency=concurrency
+            ),
+            owner="bench",
+        )
         async with (
             Database(dsn, max_size=max(4, concurrency * 2 + 2)) as db,
             provider_factory() as provider,

@@ -9,6 +9,7 @@ never blocks the loop the worker needs to release it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,7 +26,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import SecretStr
 
+from queue_processor.cli import factories
 from queue_processor.providers.openai import OpenAIProvider
+from queue_processor.settings import Settings
 from queue_processor.testing import FakeOpenAIServer
 from queue_processor.worker import WorkerConfig
 
@@ -191,16 +194,20 @@ def make_provider(server: FakeOpenAIServer, **overrides: Any) -> OpenAIProvider:
 
 
 def worker_config(**overrides: Any) -> WorkerConfig:
-    """WorkerConfig with test-friendly defaults (short polls, a lease that never lapses)."""
-    settings: dict[str, Any] = {
+    """The CLI's WorkerConfig for default settings (``Settings.model_construct()`` reads no
+    environment), with test-friendly values (small batches, one slot, short polls, a lease
+    that never lapses) and then ``overrides``."""
+    config = factories.worker_config(Settings.model_construct())
+    values: dict[str, Any] = {
         "batch_size": 50,
+        "concurrency": 1,
         "lease_seconds": 60.0,
         "poll_interval_seconds": 0.2,
         "shutdown_grace_seconds": 30.0,
         "owner": "test-worker",
     }
-    settings.update(overrides)
-    return WorkerConfig(**settings)
+    values.update(overrides)
+    return dataclasses.replace(config, **values)
 
 
 async def eventually(
