@@ -1,0 +1,90 @@
+"""The repository: every read and write of the queue and the target registry.
+
+Functions take an open ``Database`` and return model values; the SQL they run lives in
+queries.sql, one named statement per function. The worker never sees SQL text.
+
+- ``claims``      the processing cycle: ``claim_batch``, ``renew_leases``, ``complete``,
+                  ``fail``, ``schedule_retry``, ``release`` and their result types
+- ``registry``    registered targets: list, register, unregister, backfill, grant a worker
+                  role, add a vector column and its HNSW index
+- ``operations``  the queue as a whole: ``status``, ``requeue_failed``, ``purge``,
+                  estimates, ``search``, ``queue_depth``
+- ``cache``       the opt-in embedding cache and ``EmbeddingCacheStore``
+
+Callers use the package (``queue.claim_batch(...)``): every name is re-exported here, so
+tests that patch ``queue.<name>`` reach every caller that goes through the package.
+"""
+
+from __future__ import annotations
+
+from queue_processor.queue.cache import EmbeddingCacheStore, cache_lookup, cache_store
+from queue_processor.queue.claims import (
+    EXPAND_FACTOR,
+    EXPAND_MIN,
+    ClaimResult,
+    CompleteResult,
+    Usage,
+    Write,
+    claim_batch,
+    complete,
+    fail,
+    release,
+    renew_leases,
+    schedule_retry,
+)
+from queue_processor.queue.operations import (
+    StatusReport,
+    estimate_pending,
+    estimate_target,
+    purge,
+    queue_depth,
+    requeue_failed,
+    search,
+    status,
+)
+from queue_processor.queue.registry import (
+    HNSW_MAX_HALFVEC_DIMS,
+    HNSW_MAX_VECTOR_DIMS,
+    add_embedding_column,
+    backfill,
+    create_hnsw_index,
+    grant_worker,
+    list_targets,
+    register_target,
+    unregister_target,
+)
+
+__all__ = [
+    "EXPAND_FACTOR",
+    "EXPAND_MIN",
+    "HNSW_MAX_HALFVEC_DIMS",
+    "HNSW_MAX_VECTOR_DIMS",
+    "ClaimResult",
+    "CompleteResult",
+    "EmbeddingCacheStore",
+    "StatusReport",
+    "Usage",
+    "Write",
+    "add_embedding_column",
+    "backfill",
+    "cache_lookup",
+    "cache_store",
+    "claim_batch",
+    "complete",
+    "create_hnsw_index",
+    "estimate_pending",
+    "estimate_target",
+    "fail",
+    "grant_worker",
+    "list_targets",
+    "purge",
+    "queue_depth",
+    "register_target",
+    "release",
+    "renew_leases",
+    "requeue_failed",
+    "schedule_retry",
+    "search",
+    "status",
+    "unregister_target",
+]

@@ -1,0 +1,181 @@
+"""The target registry: list, register and unregister targets, backfill them, grant a worker
+role, and add a target's vector column and HNSW index."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import structlog
+
+from queue_processor.db import Connection, Database, Row, type_modifier
+from queue_processor.errors import ConfigurationError, PermanentError
+from queue_processor.models import Target
+
+log = structlog.get_logger(__name__)
+
+
+def _target(row: Row) -> Target:
+    # list_targets selects exactly Target's fields; the CHECK constraints on
+    # embedding_targets guarantee id_type and column_type are among the Literal values.
+    return Target(**{**row, "content_columns": tuple(row["content_columns"])})
+
+
+async def list_targets(db: Database) -> list[Target]:
+    """Every registered target."""
+    async with db.connection() as conn:
+        rows = await db.fetch_all(conn, db.statement("list_targets"))
+    return [_target(r) for r in rows]
+
+
+async def register_target(
+    db: Database,
+    table: str,
+    column: str,
+    *,
+    content_columns: Sequence[str] | None = None,
+    template: str | None = None,
+    id_column: str | None = None,
+    model: str | None = None,
+    dimensions: int | None = None,
+    model_column: str | None = None,
+    generated_at_column: str | None = None,
+) -> str:
+    """Register ``table.column`` and install its triggers; return the queue's table label.
+    Existing rows are queued separately, with ``backfill``.
+
+    ``table`` is an SQL name: ``sessions``, ``app.sessions`` or ``"My Schema"."My Table"``
+    (see ``resolve_table``).
+    """
+    async with db.connection() as conn:
+        rel = await _resolve_table(db, conn, table)
+        row = await db.fetch_one(
+            conn,
+            db.statement("register_target"),
+            {
+                "table_oid": rel["table_oid"],
+                "column": column,
+                "content_columns": list(content_columns) if content_columns else None,
+                "template": template,
+                "id_column": id_column,
+                "model": model,
+                "dimensions": dimensions,
+                "model_column": model_column,
+                "generated_at_column": generated_at_column,
+            },
+        )
+    assert row is not None
+    label = str(row["table_name"])
+    log.info("target_registered", table=label, column=column)
+    return label
+
+
+async def _resolve_table(db: Database, conn: Connection, table: str) -> Row:
+    """The table named ``table`` (a bare name: in the queue schema, else public; never a
+    temporary table): its oid, schema_name and relation_name. ConfigurationError if none."""
+    rel = await db.fetch_one(
+        conn, db.statement("resolve_table"), {"table": table, "schema": db.schema}
+    )
+    if rel is None:
+        where = "" if "." in table else f" (looked in schemas {db.schema!r} and 'public')"
+        raise ConfigurationError(f'table "{table}" does not exist{where}')
+    return rel
+
+
+async def unregister_target(db: Database, table_name: str, column: str) -> bool:
+    """Remove a target; False if it was not registered."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(
+            conn,
+            db.statement("unregister_target"),
+            {"table_name": table_name, "column": column},
+        )
+    return bool(row and row["removed"])
+
+
+async def backfill(
+    db: Database,
+    table_name: str,
+    column: str,
+    mode: Literal["missing", "all", "ids"],
+    ids: Sequence[str] | None = None,
+) -> int:
+    """Queue existing rows of a target; return how many were queued or re-pended."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(
+            conn,
+            db.statement("backfill"),
+            {"table_name": table_name, "column": column, "mode": mode, "ids": ids},
+        )
+        await db.execute(conn, db.statement("notify_queue"))
+    assert row is not None
+    return int(row["queued"])
+
+
+async def grant_worker(db: Database, role: str) -> int:
+    """Grant ``role`` the worker's least privileges; return the number of targets covered."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(conn, db.statement("grant_worker"), {"role": role})
+    assert row is not None
+    return int(row["targets"])
+
+
+# pgvector's HNSW index handles at most 2,000 dimensions for vector and 4,000 for halfvec.
+HNSW_MAX_VECTOR_DIMS = 2000
+HNSW_MAX_HALFVEC_DIMS = 4000
+
+
+async def add_embedding_column(db: Database, table: str, column: str, dimensions: int) -> str:
+    """Add a vector(N) column (halfvec(N) above HNSW's vector limit) unless it exists;
+    installs pgvector when missing. Returns the column type used."""
+    kind = "vector" if dimensions <= HNSW_MAX_VECTOR_DIMS else "halfvec"
+    async with db.connection() as conn:
+        rel = await _resolve_table(db, conn, table)
+        ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
+        if ext is None:
+            await db.execute(conn, db.statement("create_vector_extension"))
+            ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
+        assert ext is not None
+        await db.execute(
+            conn,
+            db.statement(
+                "add_embedding_column",
+                table=(rel["schema_name"], rel["relation_name"]),
+                column=column,
+                vtype=(ext["schema"], kind),
+                dimensions=type_modifier(dimensions),
+            ),
+        )
+    return kind
+
+
+async def create_hnsw_index(db: Database, target: Target) -> str:
+    """Create the cosine HNSW index on a vector/halfvec target; return its name."""
+    if target.column_type not in ("vector", "halfvec"):
+        raise PermanentError(
+            f"an HNSW index needs a vector or halfvec column, not {target.column_type}"
+        )
+    limit = HNSW_MAX_VECTOR_DIMS if target.column_type == "vector" else HNSW_MAX_HALFVEC_DIMS
+    if target.dimensions is None:
+        raise PermanentError("an HNSW index needs a column with fixed dimensions, e.g. vector(384)")
+    if target.dimensions > limit:
+        raise PermanentError(
+            f"HNSW indexes {target.column_type} up to {limit} dimensions; "
+            f"{target.embedding_column} has {target.dimensions} (use halfvec)"
+        )
+    name = f"{target.relation_name}_{target.embedding_column}_hnsw_idx"[:63]
+    opclass = "vector_cosine_ops" if target.column_type == "vector" else "halfvec_cosine_ops"
+    async with db.connection(autocommit=True) as conn:
+        ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
+        assert ext is not None
+        await db.execute(
+            conn,
+            db.statement(
+                "create_hnsw_index",
+                index=name,
+                table=(target.schema_name, target.relation_name),
+                column=target.embedding_column,
+                opclass=(ext["schema"], opclass),
+            ),
+        )
+    return name
