@@ -8,7 +8,7 @@ then rewrites one row and drains again to show that exactly that row was re-embe
 
 It is re-runnable: an existing demo table is kept and reset to the shipped documents (or
 dropped and recreated when its vector dimension does not match the provider). Its SQL lives
-in ``demo.sql``; db.py fills its slots with pgvector's names, values are bound.
+in ``demo.sql``; queue_processor.db fills its slots with pgvector's names, values are bound.
 """
 
 from __future__ import annotations
@@ -130,6 +130,44 @@ async def run_demo(
     _ok(console, f"model ready: {dims} dimensions ({time.monotonic() - load_started:.1f} s)")
 
     vector = await _vector_objects(db)
+    label = await _install_documents(db, console, vector, provider.model, dims)
+
+    summary = await _drain(db, provider, console, label, config, "Embedding")
+    _ok(
+        console,
+        f"embedded {summary.processed} documents in {summary.duration_seconds:.1f} s "
+        f"({summary.rows_per_second:.0f} rows/s, {summary.batches} batches, "
+        f"{summary.requests} model calls)",
+    )
+    await _print_status(db, console)
+
+    if not await _all_embedded(db, console, summary):
+        return 1
+
+    for query, expected in SEARCHES:
+        hits = await _search(db, provider, vector, query, k=5)
+        console.print(_hits_table(f'Search: "{query}"', hits, expected))
+
+    ok = await _rewrite_one(db, provider, vector, console, label, config)
+    if not ok:
+        return 1
+    console.print(f"\nDone in {time.monotonic() - started:.1f} s. Look around with psql:")
+    console.print(
+        f"  psql \"$(queue-processor db-url)\" -c 'SELECT id, topic, title FROM {TABLE_LABEL}'",
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
+    return 0
+
+
+# --- steps ------------------------------------------------------------------------------
+
+
+async def _install_documents(
+    db: Database, console: Console, vector: _Vector, model: str, dims: int
+) -> str:
+    """(Re)create and fill the demo table, register it as a target; return its label."""
     documents = load_documents()
     recreated = await _prepare_table(db, vector, dims)
     label = await queue.register_target(
@@ -137,7 +175,7 @@ async def run_demo(
         TABLE,
         COLUMN,
         template=TEMPLATE,
-        model=provider.model,
+        model=model,
         dimensions=dims,
         model_column="model",
         generated_at_column="embedded_at",
@@ -162,44 +200,21 @@ async def run_demo(
         f"registered {label}.{COLUMN} with an HNSW cosine index; the insert trigger queued "
         f"{await _pending(db, label)} rows",
     )
+    return label
 
-    summary = await _drain(db, provider, console, label, config, "Embedding")
-    _ok(
-        console,
-        f"embedded {summary.processed} documents in {summary.duration_seconds:.1f} s "
-        f"({summary.rows_per_second:.0f} rows/s, {summary.batches} batches, "
-        f"{summary.requests} model calls)",
-    )
-    await _print_status(db, console)
 
+async def _all_embedded(db: Database, console: Console, summary: RunSummary) -> bool:
+    """True when every demo row has its vector; otherwise say how many have none."""
     async with db.connection() as conn:
         coverage = await db.fetch_one(conn, _statement("coverage"))
     assert coverage is not None
-    if coverage["embedded"] != coverage["total"] or summary.failed:
-        console.print(
-            f"[red]✗ {coverage['total'] - coverage['embedded']} of {coverage['total']} rows "
-            f"have no embedding ({summary.failed} failed, {summary.retried} retried later)[/red]"
-        )
-        return 1
-
-    for query, expected in SEARCHES:
-        hits = await _search(db, provider, vector, query, k=5)
-        console.print(_hits_table(f'Search: "{query}"', hits, expected))
-
-    ok = await _rewrite_one(db, provider, vector, console, label, config)
-    if not ok:
-        return 1
-    console.print(f"\nDone in {time.monotonic() - started:.1f} s. Look around with psql:")
+    if coverage["embedded"] == coverage["total"] and not summary.failed:
+        return True
     console.print(
-        f"  psql \"$(queue-processor db-url)\" -c 'SELECT id, topic, title FROM {TABLE_LABEL}'",
-        soft_wrap=True,
-        highlight=False,
-        markup=False,
+        f"[red]✗ {coverage['total'] - coverage['embedded']} of {coverage['total']} rows "
+        f"have no embedding ({summary.failed} failed, {summary.retried} retried later)[/red]"
     )
-    return 0
-
-
-# --- steps ------------------------------------------------------------------------------
+    return False
 
 
 async def _dimensions(provider: EmbeddingProvider) -> int:
@@ -381,16 +396,7 @@ async def _rewrite_one(
     assert after is not None
     neighbours_after = await _neighbours(db, vector, document_id, 3)
 
-    table = Table(box=box.SIMPLE_HEAVY, title_justify="left", title=f"Document {document_id}")
-    table.add_column("")
-    table.add_column("before")
-    table.add_column("after")
-    table.add_row("title", Text(str(before["title"])), Text(str(after["title"])))
-    table.add_row("topic", Text(str(before["topic"])), Text(str(after["topic"])))
-    table.add_row(
-        "embedded_at", _timestamp(before["embedded_at"]), _timestamp(after["embedded_at"])
-    )
-    console.print(table)
+    console.print(_before_after_table(document_id, before, after))
     for when, rows in (("before", neighbours_before), ("after", neighbours_after)):
         console.print(
             _hits_table(
@@ -422,6 +428,20 @@ async def _rewrite_one(
 
 def _ok(console: Console, message: str) -> None:
     console.print(Text.assemble(("✓ ", "green"), message))
+
+
+def _before_after_table(document_id: int, before: Row, after: Row) -> Table:
+    """The rewritten row's title, topic and embedded_at, before and after."""
+    table = Table(box=box.SIMPLE_HEAVY, title_justify="left", title=f"Document {document_id}")
+    table.add_column("")
+    table.add_column("before")
+    table.add_column("after")
+    table.add_row("title", Text(str(before["title"])), Text(str(after["title"])))
+    table.add_row("topic", Text(str(before["topic"])), Text(str(after["topic"])))
+    table.add_row(
+        "embedded_at", _timestamp(before["embedded_at"]), _timestamp(after["embedded_at"])
+    )
+    return table
 
 
 def _hits_table(title: str, hits: list[Row], expected_topic: str) -> Table:

@@ -51,17 +51,23 @@ def writer(dsn: str, seed: int, errors: list[BaseException], start: threading.Ba
                         conn.execute("DELETE FROM docs WHERE id = %s", (record,))
                     else:
                         # A multi-row statement: lock the rows in key order first, as an
-                        # application must to avoid deadlocking with its own writes.
+                        # application must to avoid deadlocking with its own writes, and
+                        # update only the rows it locked (a row inserted meanwhile would be
+                        # locked out of order by the UPDATE).
                         batch = sorted(rng.sample(range(1, ROWS + 1), 10))
                         with conn.transaction():
-                            conn.execute(
-                                "SELECT 1 FROM docs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                                (batch,),
-                            )
+                            locked = [
+                                row[0]
+                                for row in conn.execute(
+                                    """SELECT id FROM docs WHERE id = ANY(%s)
+                                        ORDER BY id FOR UPDATE""",
+                                    (batch,),
+                                )
+                            ]
                             conn.execute(
                                 """UPDATE docs SET body = %s || ' batch ' || id
                                     WHERE id = ANY(%s)""",
-                                (text, batch),
+                                (text, locked),
                             )
     except BaseException as exc:
         errors.append(exc)
