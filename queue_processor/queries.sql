@@ -634,9 +634,18 @@ SELECT i.indisvalid AS valid
 SELECT reltuples::float8 AS rows FROM pg_class
  WHERE oid = (quote_ident(%(schema)s::text) || '.' || quote_ident(%(table)s::text))::regclass;
 
--- name: count_embedded_rows
--- The rows an index build will read, counted (only when index_build_rows has no estimate).
-SELECT count({column})::bigint AS rows FROM {table};
+-- name: count_table_rows
+-- The table's rows, counted (only when index_build_rows has no estimate). count(*): a worker
+-- role may read the key column only, and that is enough for it.
+SELECT count(*)::bigint AS rows FROM {table};
+
+-- name: may_create_index
+-- Whether this role may create an index on the table (only its owner, or a member of the
+-- owning role, may), and who owns it.
+SELECT pg_has_role(c.relowner, 'USAGE') AS allowed, pg_get_userbyid(c.relowner) AS owner,
+       current_user AS role
+  FROM pg_class AS c
+ WHERE c.oid = (quote_ident(%(schema)s::text) || '.' || quote_ident(%(table)s::text))::regclass;
 
 -- name: session_settings
 -- The current values of these settings (NULL: unknown to this server version).

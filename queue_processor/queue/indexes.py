@@ -212,6 +212,7 @@ async def _run_build(
     error: str | None = None
     dropped = False
     try:
+        await _check_ownership(db, conn, build)
         memory_mb = await _build_memory(db, conn, build, memory_cap_mb)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_renew_lease, db, build, owner, lease_seconds)
@@ -241,6 +242,23 @@ async def _run_build(
     return IndexBuildResult(build, state, error, memory_mb, seconds, dropped)
 
 
+async def _check_ownership(db: Database, conn: Connection, build: IndexBuild) -> None:
+    """StatementFailed (42501) unless this role may create an index on the table: a worker
+    role made by grant-worker may not (only the table's owner may), and says so in status."""
+    row = await db.fetch_one(
+        conn,
+        db.statement("may_create_index"),
+        {"schema": build.schema_name, "table": build.relation_name},
+    )
+    if row is None or row["allowed"]:
+        return
+    raise StatementFailed(
+        f"role {row['role']} may not create index {build.index_name}: must be owner of table "
+        f"{build.relation_name} (owned by {row['owner']})",
+        sqlstate="42501",
+    )
+
+
 async def _build_memory(
     db: Database, conn: Connection, build: IndexBuild, memory_cap_mb: int
 ) -> int:
@@ -255,11 +273,7 @@ async def _build_memory(
     if rows < 0:
         counted = await db.fetch_one(
             conn,
-            db.statement(
-                "count_embedded_rows",
-                table=(build.schema_name, build.relation_name),
-                column=build.embedding_column,
-            ),
+            db.statement("count_table_rows", table=(build.schema_name, build.relation_name)),
         )
         rows = float(counted["rows"]) if counted is not None else 0.0
     return build_memory_mb(
