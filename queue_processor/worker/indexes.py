@@ -15,7 +15,7 @@ import structlog
 
 from queue_processor import queue
 from queue_processor.db import Database
-from queue_processor.errors import DatabaseUnavailable
+from queue_processor.errors import DatabaseUnavailable, StatementFailed
 from queue_processor.models import IndexBuildResult
 from queue_processor.worker.config import WorkerConfig
 
@@ -56,7 +56,12 @@ class IndexBuilder:
         of the worker: cancelling it cancels a build in progress, which is given back)."""
         while True:
             await anyio.sleep(self._config.index_check_seconds)
-            try:
-                await self.build_due()
-            except DatabaseUnavailable as exc:
-                log.warning("index_check_failed", error=str(exc))
+            await self.check()
+
+    async def check(self) -> None:
+        """``build_due``, logging instead of raising when the database is away or refuses the
+        check itself (e.g. a role not granted on embedding_index_builds): embedding goes on."""
+        try:
+            await self.build_due()
+        except (DatabaseUnavailable, StatementFailed) as exc:
+            log.warning("index_check_failed", error=str(exc))

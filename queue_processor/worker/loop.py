@@ -163,7 +163,7 @@ class Worker:
                 if mode == "drain" and self._indexes.enabled and not self._claims_stopped:
                     # Drained: build the wanted indexes whose backlog this was (a stop
                     # cancels the build, which is given back).
-                    await self._until_stopped(self._build_due_indexes)
+                    await self._until_stopped(self._indexes.check)
                 side.cancel_scope.cancel()
         self.summary.finished_at = time.monotonic()
         return self.summary
@@ -344,12 +344,6 @@ class Worker:
             log.info("claims_released", items=released)
 
     # --- side tasks --------------------------------------------------------------------
-
-    async def _build_due_indexes(self) -> None:
-        try:
-            await self._indexes.build_due()
-        except DatabaseUnavailable as exc:
-            log.warning("index_check_failed", error=str(exc))
 
     async def _renew_loop(self) -> None:
         interval = max(0.05, self._config.lease_seconds / 3)

@@ -115,6 +115,11 @@ def test_a_backlog_at_the_threshold_gets_its_index_after_the_drain(
     assert (found["scan"], found["index_state"]) == ("index", "ready")
     assert found["results"][0]["id"] == "3"
 
+    # Unregistering forgets the wish (the index itself stays, as the table's).
+    ok(run_cli(["unregister", "articles", "--column", "embedding"], env))
+    assert execute(dsn, "SELECT count(*) AS n FROM embedding_index_builds") == [{"n": 0}]
+    assert index_valid(dsn) is True
+
 
 def test_a_backlog_below_the_threshold_gets_its_index_at_once(
     dsn: str, server: FakeOpenAIServer
