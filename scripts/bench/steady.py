@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 import anyio
+import numpy as np
+import numpy.typing as npt
 import psycopg
 from psycopg import sql
 
@@ -29,7 +31,9 @@ from bench.processes import FakeServer
 from bench.report import Line, cpu_note, progress
 from queue_processor.cli.factories import worker_config
 from queue_processor.db import Database
+from queue_processor.models import QueueItem
 from queue_processor.settings import Settings
+from queue_processor.testing import fake_vectors
 from queue_processor.worker import Worker
 
 CHUNK = 100
@@ -58,6 +62,13 @@ def _floor(ctx: Context, kind: str, probe: CpuProbe) -> Drain:
     """The floor on ``rows`` queued rows of an indexed table (best of batch 500 x 2 loops and
     1000 x 1)."""
     rows = ctx.sizes.steady_rows
+    # The fake server's vectors of the same texts: the index does the same work as in the
+    # pipeline (a pool of repeated vectors would make its inserts cheaper).
+    vectors = fake_vectors(ctx.corpus.texts(rows), DIMS)
+
+    def vector_of(item: QueueItem) -> npt.NDArray[np.float32]:
+        return vectors[int(item.record_id) - 1]
+
     best: Drain | None = None
     for batch, conc in ((500, 2), (1000, 1)):
         with ctx.cluster.fresh(ctx.cluster.base()) as dsn:
@@ -71,7 +82,9 @@ def _floor(ctx: Context, kind: str, probe: CpuProbe) -> Drain:
                         (list(range(start + 1, start + CHUNK + 1)), texts[start : start + CHUNK]),
                     )
                 expand_inbox(conn)
-            drain = floor_drain(dsn, batch, conc, probe)
+            drain = floor_drain(
+                dsn, batch, conc, probe, vector_of=lambda i: vectors[int(i.record_id) - 1]
+            )
         progress(f"steady floor {kind} b={batch} c={conc}: {drain.rate:,.0f} rows/s")
         if best is None or drain.rate > best.rate:
             best = drain
