@@ -88,3 +88,52 @@ class Target:
     def key(self) -> tuple[str, str]:
         """The registry key: (table_name label, embedding column)."""
         return (self.table_name, self.embedding_column)
+
+
+# Where a wanted vector index stands (embedding_index_builds.state, migration 0007).
+IndexState = Literal["pending", "building", "ready", "failed"]
+
+# pgvector's HNSW defaults, which the seeds' schema used too.
+HNSW_DEFAULT_M = 16
+HNSW_DEFAULT_EF_CONSTRUCTION = 64
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """The index a target wants: an HNSW index ``index_name`` (in the table's schema) with
+    ``opclass`` (by the column's type) and its build parameters."""
+
+    index_name: str
+    opclass: Literal["vector_cosine_ops", "halfvec_cosine_ops"]
+    m: int = HNSW_DEFAULT_M
+    ef_construction: int = HNSW_DEFAULT_EF_CONSTRUCTION
+
+
+@dataclass(frozen=True)
+class IndexBuild:
+    """A build one builder has claimed: the wanted index and the table it goes on."""
+
+    table_name: str
+    embedding_column: str
+    index_name: str
+    opclass: str
+    m: int
+    ef_construction: int
+    schema_name: str
+    relation_name: str
+    column_type: ColumnType
+    dimensions: int | None
+
+
+@dataclass(frozen=True)
+class IndexBuildResult:
+    """How a build ended: ``state`` 'ready', 'failed' (``error`` says why) or 'pending'
+    (interrupted, given back). ``dropped_invalid``: an invalid index an earlier, killed build
+    left behind was dropped first."""
+
+    build: IndexBuild
+    state: IndexState
+    error: str | None
+    memory_mb: int
+    seconds: float
+    dropped_invalid: bool

@@ -477,9 +477,10 @@ CREATE EXTENSION IF NOT EXISTS vector SCHEMA {qs};
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {vtype}({dimensions});
 
 -- name: create_hnsw_index
--- Cosine HNSW index (the seeds' parameters: m = 16, ef_construction = 64) for search.
+-- Cosine HNSW index for search, created at once (a small backlog; {m}, {ef_construction}:
+-- integer literals, by default the seeds' 16 and 64).
 CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
-  WITH (m = 16, ef_construction = 64);
+  WITH (m = {m}, ef_construction = {ef_construction});
 
 -- name: resolve_table
 -- A table given as text ('docs', 'app.docs', '"My Schema"."My Table"'), by parse_ident's
@@ -518,3 +519,163 @@ SELECT status, count(*)::bigint AS count
 UNION ALL
 -- Keys of bulk inserts still in the inbox, under the pseudo-status 'inbox'.
 SELECT 'inbox', coalesce(sum(rows), 0)::bigint FROM {qs}.embedding_queue_inbox_status;
+
+-- --- index builds (0007: embedding_index_builds) ---------------------------------------
+
+-- name: want_index
+-- Record the index a target wants (re-registering replaces the wish): 'pending' to have it
+-- built once the backlog drains, 'ready' when it was just created.
+INSERT INTO {qs}.embedding_index_builds AS b
+       (table_name, embedding_column, index_name, opclass, m, ef_construction, state,
+        finished_at)
+VALUES (%(table_name)s::text, %(column)s::text, %(index_name)s::text, %(opclass)s::text,
+        %(m)s::integer, %(ef_construction)s::integer, %(state)s::text,
+        CASE WHEN %(state)s::text = 'ready' THEN now() END)
+ON CONFLICT (table_name, embedding_column) DO UPDATE
+   SET index_name = EXCLUDED.index_name, opclass = EXCLUDED.opclass, m = EXCLUDED.m,
+       ef_construction = EXCLUDED.ef_construction, state = EXCLUDED.state,
+       error_message = NULL, builder = NULL, builder_pid = NULL, lease_expires_at = NULL,
+       requested_at = now(), started_at = NULL, finished_at = EXCLUDED.finished_at;
+
+-- name: index_builds
+-- Every wanted index with its build state, whether the catalog holds it as a valid index
+-- (valid: NULL when it does not exist), and the target's queued work (status, build-index).
+SELECT b.table_name, b.embedding_column, b.index_name, b.method, b.opclass, b.m,
+       b.ef_construction, b.state, b.error_message, b.builder, b.attempts, b.memory_mb,
+       b.requested_at, b.started_at, b.finished_at, t.schema_name, t.relation_name,
+       (SELECT i.indisvalid
+          FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+          JOIN pg_index AS i ON i.indexrelid = c.oid
+         WHERE n.nspname = t.schema_name AND c.relname = b.index_name) AS valid,
+       extract(epoch FROM now() - b.started_at)::float8 AS building_seconds
+  FROM {qs}.embedding_index_builds AS b
+  JOIN {qs}.embedding_targets AS t USING (table_name, embedding_column)
+ WHERE %(table_name)s::text IS NULL
+    OR (b.table_name = %(table_name)s::text AND b.embedding_column = %(column)s::text)
+ ORDER BY b.table_name, b.embedding_column;
+
+-- name: claim_index_build
+-- Take one due build (or the given target's): wanted ('pending'), or 'building' by a builder
+-- whose lease lapsed and whose backend is gone (pg_stat_activity lists every backend's pid
+-- to every role). Due means the target has nothing pending, processing or in the inbox: the
+-- backlog's vectors go into the table before the index is built. The registry is tiny and
+-- the queue probes run only for wanted indexes (partial indexes on pending and processing
+-- rows), so a worker may ask this every few seconds. SKIP LOCKED: two builders never take
+-- the same row; builder_pid is the backend of the connection that will build.
+WITH due AS (
+    SELECT b.table_name, b.embedding_column, t.schema_name, t.relation_name,
+           t.column_type, t.dimensions
+      FROM {qs}.embedding_index_builds AS b
+      JOIN {qs}.embedding_targets AS t USING (table_name, embedding_column)
+     WHERE (b.state = 'pending'
+            OR (b.state = 'building' AND b.lease_expires_at < now()
+                AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a
+                                 WHERE a.pid = b.builder_pid)))
+       AND (%(table_name)s::text IS NULL
+            OR (b.table_name = %(table_name)s::text AND b.embedding_column = %(column)s::text))
+       AND NOT EXISTS (SELECT 1 FROM {qs}.embedding_queue AS q
+                        WHERE q.status IN ('pending', 'processing')
+                          AND q.table_name = b.table_name
+                          AND q.embedding_column = b.embedding_column)
+       AND NOT EXISTS (SELECT 1 FROM {qs}.embedding_queue_inbox AS i
+                        WHERE i.table_name = b.table_name
+                          AND i.embedding_column = b.embedding_column)
+     ORDER BY b.requested_at
+     LIMIT 1
+       FOR UPDATE OF b SKIP LOCKED
+)
+UPDATE {qs}.embedding_index_builds AS b
+   SET state = 'building', builder = %(owner)s::text, builder_pid = pg_backend_pid(),
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8),
+       attempts = b.attempts + 1, error_message = NULL, started_at = now(), finished_at = NULL
+  FROM due
+ WHERE b.table_name = due.table_name AND b.embedding_column = due.embedding_column
+RETURNING b.table_name, b.embedding_column, b.index_name, b.opclass, b.m, b.ef_construction,
+          due.schema_name, due.relation_name, due.column_type, due.dimensions;
+
+-- name: renew_index_build
+-- Extend the lease of a build this builder holds (false: it lost it).
+UPDATE {qs}.embedding_index_builds
+   SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s::float8)
+ WHERE table_name = %(table_name)s::text AND embedding_column = %(column)s::text
+   AND state = 'building' AND builder = %(owner)s::text
+RETURNING true AS renewed;
+
+-- name: finish_index_build
+-- Record how a build this builder holds ended: 'ready', 'failed' (with the error) or back to
+-- 'pending' (interrupted: the next builder drops what it left and starts over).
+UPDATE {qs}.embedding_index_builds
+   SET state = %(state)s::text, error_message = %(error)s::text, memory_mb = %(memory_mb)s,
+       builder = NULL, builder_pid = NULL, lease_expires_at = NULL,
+       finished_at = CASE WHEN %(state)s::text = 'pending' THEN NULL ELSE now() END
+ WHERE table_name = %(table_name)s::text AND embedding_column = %(column)s::text
+   AND state = 'building' AND builder = %(owner)s::text
+RETURNING true AS finished;
+
+-- name: retry_index_build
+-- build-index: a failed build, or a 'ready' one whose index is missing or invalid, is
+-- wanted again.
+UPDATE {qs}.embedding_index_builds
+   SET state = 'pending', error_message = NULL, requested_at = now()
+ WHERE table_name = %(table_name)s::text AND embedding_column = %(column)s::text
+   AND (state = 'failed' OR (state = 'ready' AND NOT %(valid)s::boolean));
+
+-- name: index_validity
+-- Whether the index exists (a row) and is valid (indisvalid false: a CREATE INDEX
+-- CONCURRENTLY that did not finish; it slows writes and serves no query).
+SELECT i.indisvalid AS valid
+  FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+  JOIN pg_index AS i ON i.indexrelid = c.oid
+ WHERE n.nspname = %(schema)s::text AND c.relname = %(index)s::text;
+
+-- name: index_build_rows
+-- The planner's row count of the table (pg_class.reltuples; -1 never analysed), to size the
+-- build's memory without reading the table.
+SELECT reltuples::float8 AS rows FROM pg_class
+ WHERE oid = (quote_ident(%(schema)s::text) || '.' || quote_ident(%(table)s::text))::regclass;
+
+-- name: count_table_rows
+-- The table's rows, counted (only when index_build_rows has no estimate). count(*): a worker
+-- role may read the key column only, and that is enough for it.
+SELECT count(*)::bigint AS rows FROM {table};
+
+-- name: may_create_index
+-- Whether this role may create an index on the table (only its owner, or a member of the
+-- owning role, may), and who owns it.
+SELECT pg_has_role(c.relowner, 'USAGE') AS allowed, pg_get_userbyid(c.relowner) AS owner,
+       current_user AS role
+  FROM pg_class AS c
+ WHERE c.oid = (quote_ident(%(schema)s::text) || '.' || quote_ident(%(table)s::text))::regclass;
+
+-- name: session_settings
+-- The current values of these settings (NULL: unknown to this server version).
+SELECT s.name, current_setting(s.name, true) AS value
+  FROM unnest(%(names)s::text[]) AS s(name);
+
+-- name: set_session_settings
+-- Set these settings for the rest of the session (an index build's connection).
+SELECT set_config(s.name, s.value, false)
+  FROM unnest(%(names)s::text[], %(values)s::text[]) AS s(name, value);
+
+-- name: drop_index_concurrently
+-- Drop an invalid index a killed build left behind, without blocking writes.
+DROP INDEX CONCURRENTLY IF EXISTS {index};
+
+-- name: build_hnsw_index
+-- Build a wanted cosine HNSW index without blocking writes to the table ({m},
+-- {ef_construction}: integer literals from the registry, whose CHECKs bound them).
+CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
+  WITH (m = {m}, ef_construction = {ef_construction});
+
+-- name: column_index_usable
+-- Whether a valid HNSW or IVFFlat index covers a target column (search says when none does:
+-- the query is then an exact, sequential scan).
+SELECT EXISTS (
+    SELECT 1 FROM pg_index AS i
+      JOIN pg_class AS c ON c.oid = i.indexrelid
+      JOIN pg_am AS am ON am.oid = c.relam
+      JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = (quote_ident(%(schema)s::text) || '.'
+                         || quote_ident(%(table)s::text))::regclass
+       AND a.attname = %(column)s::text AND i.indisvalid
+       AND am.amname IN ('hnsw', 'ivfflat')) AS usable;

@@ -92,6 +92,7 @@ def status_json(report: StatusReport, price_override: float | None) -> dict[str,
         "usage": usage,
         "recent_failures": report.failures,
         "inbox": report.inbox,
+        "indexes": report.indexes,
     }
 
 
@@ -138,6 +139,8 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
                 "(a running worker queues them before it claims)"
             )
         )
+    lines.extend(plain(index_line(row)) for row in report.indexes)
+    lines.extend(plain(index_line(row)) for row in report.indexes)
     for row in report.usage:
         price = price_per_million(row["model"], price_override)
         tokens = int(row["tokens_total"] or 0)
@@ -164,6 +167,28 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
             )
         lines.append(failures)
     return Group(*lines)
+
+
+def index_line(row: Mapping[str, Any]) -> str:
+    """One wanted index (a row of queue.index_builds) in a sentence: its state, and what
+    happens next."""
+    head = (
+        f"index {row['index_name']} on {row['table_name']}.{row['embedding_column']} "
+        f"(hnsw m={row['m']} ef_construction={row['ef_construction']}): "
+    )
+    state = row["state"]
+    if state == "ready":
+        if row["valid"]:
+            return head + "ready"
+        return head + "ready but missing or invalid in the catalog: run build-index"
+    if state == "pending":
+        return head + "pending: built once the target's queued rows are embedded"
+    if state == "building":
+        return (
+            head + f"building by {row['builder']} for {_age(row['building_seconds'])} "
+            f"(maintenance_work_mem sized to the table; searches scan sequentially until ready)"
+        )
+    return head + f"failed: {row['error_message']} (run build-index as the table's owner)"
 
 
 def rows_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Table:

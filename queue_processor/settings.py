@@ -121,6 +121,21 @@ class Settings(BaseSettings):
     min_rescan_seconds: float = Field(
         default=0.25, ge=0, alias="QUEUE_PROCESSOR_MIN_RESCAN_SECONDS"
     )
+    # Vector indexes (register --index hnsw). A backfill of at least this many rows gets its
+    # index after the backlog drained (an index present during a backfill made it 13.6x
+    # slower); below it the index is created at once. 0: always after the backlog.
+    index_defer_rows: int = Field(default=10_000, ge=0, alias="QUEUE_PROCESSOR_INDEX_DEFER_ROWS")
+    # Ceiling on an index build's maintenance_work_mem, in MB (the build asks for what the
+    # graph of the table's rows needs, at least 64 MB; pgvector falls back to much slower
+    # on-disk inserts when the graph does not fit).
+    index_build_memory_mb: int = Field(
+        default=1024, ge=1, le=2_000_000, alias="QUEUE_PROCESSOR_INDEX_BUILD_MEMORY_MB"
+    )
+    # How often a running worker looks for a wanted index whose backlog drained (one cheap
+    # query of the registry); 0: this worker builds no indexes (build-index does).
+    index_check_seconds: float = Field(
+        default=10.0, ge=0, alias="QUEUE_PROCESSOR_INDEX_CHECK_SECONDS"
+    )
     embedding_cache: bool = Field(default=False, alias="EMBEDDING_CACHE")
     # claimed_by of the worker's claims; unset means host:pid.
     worker_name: str | None = Field(default=None, alias="QUEUE_PROCESSOR_WORKER_NAME")

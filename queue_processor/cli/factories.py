@@ -149,6 +149,8 @@ def worker_config(
         max_claim_bytes=settings.max_claim_bytes,
         target_cache_seconds=settings.target_cache_seconds,
         min_rescan_seconds=settings.min_rescan_seconds,
+        index_check_seconds=settings.index_check_seconds,
+        index_build_memory_mb=settings.index_build_memory_mb,
     )
 
 

@@ -212,15 +212,24 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         if vector is None:
             raise PermanentError(f"the provider could not embed the query: {result.errors.get(0)}")
         rows = await queue.search(db, target, vector, args.k)
+        indexed = await queue.index_usable(db, target)
+        builds = await queue.index_builds(db, target.table_name, target.embedding_column)
+    index_state = builds[0]["state"] if builds else None
     if args.json:
-        out(render.dumps({"query": args.text, "results": rows}))
-    else:
-        render.stdout_console().print(
-            render.rows_table(
-                f"nearest to {args.text!r} in {target.table_name}",
-                rows,
-                ["id", "distance", "content"],
-            )
+        scan = "index" if indexed else "sequential"
+        report = {"query": args.text, "results": rows, "scan": scan, "index_state": index_state}
+        out(render.dumps(report))
+        return EXIT_OK
+    render.stdout_console().print(
+        render.rows_table(
+            f"nearest to {args.text!r} in {target.table_name}", rows, ["id", "distance", "content"]
+        )
+    )
+    if not indexed:
+        why = f"its index is {index_state}" if index_state else "it has no vector index"
+        out(
+            f"note: {target.table_name}.{target.embedding_column} was searched by a "
+            f"sequential scan (exact, slower on large tables): {why}"
         )
     return EXIT_OK
 

@@ -1,17 +1,28 @@
-"""Installing things in the database: ``migrate``, ``register``, ``unregister``."""
+"""Installing things in the database: ``migrate``, ``register``, ``build-index``,
+``unregister``."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Literal
 
+import anyio
+
 from queue_processor import queue
 from queue_processor.cli.args import Subparsers, out
 from queue_processor.cli.factories import open_database
 from queue_processor.cli.lookup import find_target
-from queue_processor.errors import EXIT_FAILED, EXIT_OK, UsageError
+from queue_processor.db import Database
+from queue_processor.errors import EXIT_FAILED, EXIT_OK, PermanentError, UsageError
 from queue_processor.migrations import check_schema, migrate, plan
+from queue_processor.models import (
+    HNSW_DEFAULT_EF_CONSTRUCTION,
+    HNSW_DEFAULT_M,
+    IndexSpec,
+    Target,
+)
 from queue_processor.settings import Settings
+from queue_processor.worker.config import default_owner
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -58,7 +69,10 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.create_column and not args.dimensions:
         raise UsageError("--create-column needs --dimensions N")
-    async with open_database(settings, max_size=1) as db:
+    if args.wait and not args.index:
+        raise UsageError("--wait needs --index hnsw")
+    # Two connections: --wait builds on one while the other renews the build's lease.
+    async with open_database(settings, max_size=2) as db:
         await check_schema(db)
         if args.create_column:
             kind = await queue.add_embedding_column(db, args.table, args.column, args.dimensions)
@@ -75,15 +89,102 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             model_column=args.model_column,
             generated_at_column=args.generated_at_column,
         )
+        spec = None
         if args.index:
             target = await find_target(db, label, args.column)
-            index = await queue.create_hnsw_index(db, target)
-            out(f"index {index} (hnsw, cosine, m=16, ef_construction=64)")
+            spec = queue.hnsw_spec(target, m=args.index_m, ef_construction=args.index_ef)
+        queued = 0
         if args.backfill:
             mode: Literal["missing", "all"] = "all" if args.backfill == "all" else "missing"
             queued = await queue.backfill(db, label, args.column, mode)
             out(f"queued for embedding: {queued} row(s) ({mode})")
+        if spec is not None:
+            await _index_target(db, target, spec, queued, args, settings)
     out(f"registered {label}.{args.column}")
+    return EXIT_OK
+
+
+async def _index_target(
+    db: Database,
+    target: Target,
+    spec: IndexSpec,
+    queued: int,
+    args: argparse.Namespace,
+    settings: Settings,
+) -> None:
+    """Create the target's index now (a backlog below QUEUE_PROCESSOR_INDEX_DEFER_ROWS), or
+    record it as wanted: a worker builds it once the backlog drained (or, --wait, this
+    command does)."""
+    params = f"hnsw, cosine, m={spec.m}, ef_construction={spec.ef_construction}"
+    if queued < settings.index_defer_rows:
+        index = await queue.create_hnsw_index(db, target, spec)
+        await queue.want_index(db, target, spec, "ready")
+        out(f"index {index} ({params})")
+        return
+    await queue.want_index(db, target, spec, "pending")
+    out(
+        f"index {spec.index_name} ({params}) is pending: it is built once the {queued} "
+        "queued row(s) are embedded (by a worker, or by this command with --wait)"
+    )
+    if args.wait:
+        await wait_and_build(db, target, settings, poll_seconds=args.poll)
+
+
+async def wait_and_build(
+    db: Database, target: Target, settings: Settings, *, poll_seconds: float
+) -> None:
+    """Wait until the target's backlog is drained, then build its wanted index here (or
+    wait for the worker that builds it); PermanentError if the build failed."""
+    owner = f"build-index:{default_owner()}"
+    announced = False
+    while True:
+        result = await queue.build_next_index(
+            db,
+            owner=owner,
+            lease_seconds=settings.lease_seconds,
+            memory_cap_mb=settings.index_build_memory_mb,
+            table_name=target.table_name,
+            column=target.embedding_column,
+        )
+        if result is not None and result.state != "pending":
+            if result.state == "failed":
+                raise PermanentError(f"index {result.build.index_name}: {result.error}")
+            out(
+                f"index {result.build.index_name} is ready (built in {result.seconds:.1f} s "
+                f"with maintenance_work_mem {result.memory_mb} MB)"
+            )
+            return
+        [build] = await queue.index_builds(db, target.table_name, target.embedding_column)
+        if build["state"] == "ready":
+            out(f"index {build['index_name']} is ready")
+            return
+        if build["state"] == "failed":
+            raise PermanentError(f"index {build['index_name']}: {build['error_message']}")
+        if not announced:
+            out(
+                f"waiting for the backlog of {target.table_name}.{target.embedding_column} to "
+                "be embedded (a worker must be running), then building its index..."
+            )
+            announced = True
+        await anyio.sleep(poll_seconds)
+
+
+async def cmd_build_index(args: argparse.Namespace, settings: Settings) -> int:
+    """Build a target's wanted index now: wait for its backlog to drain, then build it (a
+    failed build, or a missing or invalid index, is built again)."""
+    async with open_database(settings, max_size=2) as db:
+        await check_schema(db)
+        target = await find_target(db, args.table, args.column)
+        builds = await queue.index_builds(db, target.table_name, target.embedding_column)
+        if not builds:
+            raise UsageError(
+                f"{target.table_name}.{target.embedding_column} wants no index "
+                "(register it with --index hnsw)"
+            )
+        await queue.retry_index_build(
+            db, target.table_name, target.embedding_column, valid=bool(builds[0]["valid"])
+        )
+        await wait_and_build(db, target, settings, poll_seconds=args.poll)
     return EXIT_OK
 
 
@@ -97,7 +198,7 @@ async def cmd_unregister(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_parsers(sub: Subparsers) -> None:
-    """Add ``migrate``, ``register`` and ``unregister``."""
+    """Add ``migrate``, ``register``, ``build-index`` and ``unregister``."""
     p = sub.add_parser("migrate", help="install or upgrade the queue schema")
     p.add_argument(
         "--allow-unsafe-schema",
@@ -111,6 +212,19 @@ def add_parsers(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_migrate)
 
     _add_register_parser(sub)
+
+    p = sub.add_parser(
+        "build-index",
+        help="build a target's wanted index now (after its backlog is embedded)",
+        description="Build the index `register --index` recorded for a target: wait until "
+        "nothing of it is pending, then CREATE INDEX CONCURRENTLY. Builds a failed one again, "
+        "and one whose index is missing or invalid. Run it as the table's owner when the "
+        "workers' role may not create indexes on it.",
+    )
+    p.add_argument("table", help="the target's table label as shown by status")
+    p.add_argument("--column", help="embedding column (needed when the table has several)")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between checks")
+    p.set_defaults(func=cmd_build_index)
 
     p = sub.add_parser("unregister", help="remove a target, its triggers and its queue rows")
     p.add_argument("table", help="the target's table label as shown by status")
@@ -145,7 +259,26 @@ def _add_register_parser(sub: Subparsers) -> None:
         action="store_true",
         help="add the column as vector(N) (halfvec above 2000 dims); needs --dimensions",
     )
-    p.add_argument("--index", choices=["hnsw"], help="create a cosine HNSW index for search")
+    p.add_argument(
+        "--index",
+        choices=["hnsw"],
+        help="a cosine HNSW index for search: created now, or, when --backfill queues at "
+        "least QUEUE_PROCESSOR_INDEX_DEFER_ROWS rows, built once they are embedded",
+    )
+    p.add_argument("--index-m", type=int, default=HNSW_DEFAULT_M, help="HNSW m (default 16)")
+    p.add_argument(
+        "--index-ef-construction",
+        dest="index_ef",
+        type=int,
+        default=HNSW_DEFAULT_EF_CONSTRUCTION,
+        help="HNSW ef_construction (default 64)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="with a deferred index: wait until the backlog is embedded, then build it here",
+    )
+    p.add_argument("--poll", type=float, default=2.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--backfill",
         nargs="?",

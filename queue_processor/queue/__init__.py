@@ -10,6 +10,8 @@ queries.sql, one named statement per function. The worker never sees SQL text.
 - ``operations``  the queue as a whole: ``status``, ``requeue_failed``, ``purge``,
                   estimates, ``search``, ``queue_depth``
 - ``cache``       the opt-in embedding cache and ``EmbeddingCacheStore``
+- ``indexes``     wanted vector indexes and their builds: ``hnsw_spec``, ``want_index``,
+                  ``build_next_index``, ``index_builds``
 
 Callers use the package (``queue.claim_batch(...)``): every name is re-exported here, so
 tests that patch ``queue.<name>`` reach every caller that goes through the package.
@@ -32,6 +34,17 @@ from queue_processor.queue.claims import (
     renew_leases,
     schedule_retry,
 )
+from queue_processor.queue.indexes import (
+    HNSW_MAX_HALFVEC_DIMS,
+    HNSW_MAX_VECTOR_DIMS,
+    build_memory_mb,
+    build_next_index,
+    hnsw_spec,
+    index_builds,
+    index_usable,
+    retry_index_build,
+    want_index,
+)
 from queue_processor.queue.operations import (
     StatusReport,
     estimate_pending,
@@ -43,8 +56,6 @@ from queue_processor.queue.operations import (
     status,
 )
 from queue_processor.queue.registry import (
-    HNSW_MAX_HALFVEC_DIMS,
-    HNSW_MAX_VECTOR_DIMS,
     add_embedding_column,
     backfill,
     create_hnsw_index,
@@ -67,6 +78,8 @@ __all__ = [
     "Write",
     "add_embedding_column",
     "backfill",
+    "build_memory_mb",
+    "build_next_index",
     "cache_lookup",
     "cache_store",
     "claim_batch",
@@ -76,6 +89,9 @@ __all__ = [
     "estimate_target",
     "fail",
     "grant_worker",
+    "hnsw_spec",
+    "index_builds",
+    "index_usable",
     "list_targets",
     "purge",
     "queue_depth",
@@ -83,8 +99,10 @@ __all__ = [
     "release",
     "renew_leases",
     "requeue_failed",
+    "retry_index_build",
     "schedule_retry",
     "search",
     "status",
     "unregister_target",
+    "want_index",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -24,11 +24,13 @@ class StatusReport:
     usage: list[Row]
     failures: list[Row]
     inbox: list[Row]
+    # Wanted vector indexes and their build state (queue.index_builds).
+    indexes: list[Row] = field(default_factory=list)
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
-    """Counts by table/column/status, depth and throughput, usage, recent failures, and bulk
-    inserts not yet expanded into queue rows."""
+    """Counts by table/column/status, depth and throughput, usage, recent failures, bulk
+    inserts not yet expanded into queue rows, and wanted indexes."""
     async with db.connection() as conn:
         counts = await db.fetch_all(conn, db.statement("status_counts"))
         summary = await db.fetch_one(conn, db.statement("status_summary"))
@@ -37,8 +39,11 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
             conn, db.statement("recent_failures"), {"limit": failures_limit}
         )
         inbox = await db.fetch_all(conn, db.statement("inbox_status"))
+        indexes = await db.fetch_all(
+            conn, db.statement("index_builds"), {"table_name": None, "column": None}
+        )
     assert summary is not None
-    return StatusReport(counts, summary, usage, failures, inbox)
+    return StatusReport(counts, summary, usage, failures, inbox, indexes)
 
 
 async def requeue_failed(

@@ -9,8 +9,9 @@ from typing import Literal
 import structlog
 
 from queue_processor.db import Connection, Database, Row, type_modifier
-from queue_processor.errors import ConfigurationError, PermanentError
-from queue_processor.models import Target
+from queue_processor.errors import ConfigurationError
+from queue_processor.models import IndexSpec, Target
+from queue_processor.queue.indexes import HNSW_MAX_VECTOR_DIMS, hnsw_spec
 
 log = structlog.get_logger(__name__)
 
@@ -120,11 +121,6 @@ async def grant_worker(db: Database, role: str) -> int:
     return int(row["targets"])
 
 
-# pgvector's HNSW index handles at most 2,000 dimensions for vector and 4,000 for halfvec.
-HNSW_MAX_VECTOR_DIMS = 2000
-HNSW_MAX_HALFVEC_DIMS = 4000
-
-
 async def add_embedding_column(db: Database, table: str, column: str, dimensions: int) -> str:
     """Add a vector(N) column (halfvec(N) above HNSW's vector limit) unless it exists;
     installs pgvector when missing. Returns the column type used."""
@@ -149,22 +145,10 @@ async def add_embedding_column(db: Database, table: str, column: str, dimensions
     return kind
 
 
-async def create_hnsw_index(db: Database, target: Target) -> str:
-    """Create the cosine HNSW index on a vector/halfvec target; return its name."""
-    if target.column_type not in ("vector", "halfvec"):
-        raise PermanentError(
-            f"an HNSW index needs a vector or halfvec column, not {target.column_type}"
-        )
-    limit = HNSW_MAX_VECTOR_DIMS if target.column_type == "vector" else HNSW_MAX_HALFVEC_DIMS
-    if target.dimensions is None:
-        raise PermanentError("an HNSW index needs a column with fixed dimensions, e.g. vector(384)")
-    if target.dimensions > limit:
-        raise PermanentError(
-            f"HNSW indexes {target.column_type} up to {limit} dimensions; "
-            f"{target.embedding_column} has {target.dimensions} (use halfvec)"
-        )
-    name = f"{target.relation_name}_{target.embedding_column}_hnsw_idx"[:63]
-    opclass = "vector_cosine_ops" if target.column_type == "vector" else "halfvec_cosine_ops"
+async def create_hnsw_index(db: Database, target: Target, spec: IndexSpec | None = None) -> str:
+    """Create the cosine HNSW index on a vector/halfvec target now (``spec``: its name and
+    parameters, by default ``hnsw_spec(target)``); return its name."""
+    spec = spec or hnsw_spec(target)
     async with db.connection(autocommit=True) as conn:
         ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         assert ext is not None
@@ -172,10 +156,12 @@ async def create_hnsw_index(db: Database, target: Target) -> str:
             conn,
             db.statement(
                 "create_hnsw_index",
-                index=name,
+                index=spec.index_name,
                 table=(target.schema_name, target.relation_name),
                 column=target.embedding_column,
-                opclass=(ext["schema"], opclass),
+                opclass=(ext["schema"], spec.opclass),
+                m=type_modifier(spec.m),
+                ef_construction=type_modifier(spec.ef_construction),
             ),
         )
-    return name
+    return spec.index_name

@@ -52,6 +52,11 @@ class WorkerConfig:
     # However many NOTIFYs arrive (any role may send one), an empty queue is scanned again at
     # most this often; new work still wakes the loop at once after a quiet period.
     min_rescan_seconds: float
+    # How often a continuous run looks for a wanted index whose backlog drained, and builds
+    # it (0: never; a drain run builds due indexes once the queue is empty unless 0).
+    index_check_seconds: float
+    # Ceiling on an index build's maintenance_work_mem.
+    index_build_memory_mb: int
 
 
 def with_cache(

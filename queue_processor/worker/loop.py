@@ -10,12 +10,13 @@ once embedded, so the next batch embeds while this one is written; at most ``con
 batches write at once (the write slots).
 
 Side tasks run in the worker's task group so their death stops the worker loudly: lease
-renewal (a slow batch is not stolen) and LISTEN (a new row wakes the loop at once; polling
-is the fallback). Stopping is a request: ``stop()`` ends claiming, in-flight batches get
-``shutdown_grace_seconds`` to finish, then are cancelled and their claims released.
-``abort()`` cancels at once and leaves the claims to expire (leases make that safe). A batch
-whose provider rejects our configuration closes claiming, gives its claims back and stops
-the run with its ConfigurationError.
+renewal (a slow batch is not stolen), LISTEN (a new row wakes the loop at once; polling
+is the fallback) and index builds (worker/indexes.py: a wanted index whose backlog drained;
+a drain run builds them once the queue is empty). Stopping is a request: ``stop()`` ends
+claiming, in-flight batches get ``shutdown_grace_seconds`` to finish, then are cancelled and
+their claims released. ``abort()`` cancels at once and leaves the claims to expire (leases
+make that safe). A batch whose provider rejects our configuration closes claiming, gives its
+claims back and stops the run with its ConfigurationError.
 
 No SQL lives here: the repository (``queue``) owns every statement.
 """
@@ -39,6 +40,7 @@ from queue_processor.models import Claim, ClaimToken, QueueId
 from queue_processor.providers.base import EmbeddingProvider
 from queue_processor.worker.batch import BatchProcessor
 from queue_processor.worker.config import RunMode, WorkerConfig
+from queue_processor.worker.indexes import IndexBuilder
 from queue_processor.worker.report import BatchObserver, BatchReport, RunSummary
 from queue_processor.worker.slots import Slot
 from queue_processor.worker.task_errors import unwrapped_errors
@@ -69,6 +71,7 @@ class Worker:
         self._db = db
         self._config = config
         self._batches = BatchProcessor(db, provider, config)
+        self._indexes = IndexBuilder(db, config)
         self._observers = list(observers)
         self._on_claim = on_claim
         self._stop_requested = False
@@ -143,6 +146,8 @@ class Worker:
                 side.start_soon(self._renew_loop)
                 if mode == "continuous":
                     side.start_soon(self._listen_loop)
+                    if self._indexes.enabled:
+                        side.start_soon(self._indexes.run_periodically)
                 async with anyio.create_task_group() as batches:
                     await self._claim_loop(batches, mode)
                     if self._stop_requested and self._inflight:
@@ -155,6 +160,10 @@ class Worker:
                             while self._inflight:
                                 await self._wait_changed()
                         batches.cancel_scope.cancel()
+                if mode == "drain" and self._indexes.enabled and not self._claims_stopped:
+                    # Drained: build the wanted indexes whose backlog this was (a stop
+                    # cancels the build, which is given back).
+                    await self._until_stopped(self._indexes.check)
                 side.cancel_scope.cancel()
         self.summary.finished_at = time.monotonic()
         return self.summary

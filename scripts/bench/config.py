@@ -16,7 +16,18 @@ DEFAULTS = Settings.model_construct()
 # Inbox keys per expansion: what a worker with the default batch size expands before a claim.
 EXPAND_SLICE = max(queue.EXPAND_MIN, queue.EXPAND_FACTOR * DEFAULTS.batch_size)
 
-SECTIONS = ("floor", "pipeline", "latency", "local", "trigger", "claim", "memory", "cache")
+SECTIONS = (
+    "floor",
+    "pipeline",
+    "latency",
+    "local",
+    "trigger",
+    "claim",
+    "memory",
+    "cache",
+    "index",
+    "steady",
+)
 MODEL = "text-embedding-3-small"
 DIMS = 768
 LOCAL_DIMS = 384
@@ -47,6 +58,10 @@ class Sizes:
     memory_rows: tuple[int, int]
     memory_repeats: int
     cache_rows: int
+    index_rows: int
+    index_present_rows: int
+    steady_rows: int
+    steady_batches: tuple[int, ...]
 
 
 FULL = Sizes(
@@ -68,6 +83,10 @@ FULL = Sizes(
     memory_rows=(10_000, 100_000),
     memory_repeats=2,
     cache_rows=10_000,
+    index_rows=100_000,
+    index_present_rows=20_000,
+    steady_rows=10_000,
+    steady_batches=(100, 500, 1000),
 )
 
 QUICK = Sizes(
@@ -89,4 +108,8 @@ QUICK = Sizes(
     memory_rows=(1_000, 5_000),
     memory_repeats=1,
     cache_rows=1_000,
+    index_rows=3_000,
+    index_present_rows=1_000,
+    steady_rows=1_000,
+    steady_batches=(500,),
 )

@@ -4,10 +4,12 @@ no HTTP, no provider: the ceiling of this design on this machine."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import numpy as np
+import numpy.typing as npt
 
 from bench.cluster import check_drained
 from bench.config import DIMS, MODEL, VECTOR_POOL
@@ -17,16 +19,29 @@ from bench.drain import Drain
 from bench.report import Line, cpu_note, median, progress
 from queue_processor import queue
 from queue_processor.db import Database
+from queue_processor.models import QueueItem
 from queue_processor.targets import parse_record_id
 
 
 def floor_drain(
-    dsn: str, batch_size: int, concurrency: int, probe: CpuProbe | None = None
+    dsn: str,
+    batch_size: int,
+    concurrency: int,
+    probe: CpuProbe | None = None,
+    vector_of: Callable[[QueueItem], npt.NDArray[np.float32]] | None = None,
 ) -> Drain:
-    """claim_batch + complete with precomputed vectors: the worker's statements, no HTTP."""
+    """claim_batch + complete with precomputed vectors: the worker's statements, no HTTP.
+    ``vector_of`` picks each item's vector (default: a pool of 1,024 random vectors, cycled;
+    with an HNSW index the vectors must be the pipeline's own, since repeated vectors make
+    the index's inserts cheaper)."""
     rng = np.random.default_rng(0)
     pool = rng.standard_normal((VECTOR_POOL, DIMS)).astype(np.float32)
     pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+
+    def pooled(item: QueueItem) -> npt.NDArray[np.float32]:
+        return pool[item.id % VECTOR_POOL]
+
+    pick = vector_of or pooled
 
     async def run() -> Drain:
         done = 0
@@ -46,7 +61,7 @@ def floor_drain(
                     for item in items:
                         target = targets[(item.table_name, item.embedding_column)]
                         key = parse_record_id(target, item.record_id)
-                        writes.append(queue.Write(item, target, key, pool[item.id % VECTOR_POOL]))
+                        writes.append(queue.Write(item, target, key, pick(item)))
                     outcome = await queue.complete(
                         db,
                         result.claim.token,

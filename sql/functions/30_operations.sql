@@ -7,6 +7,7 @@
 --   embedding_column or generation, so the role cannot make the worker embed other text
 --   into a row, nor aim a vector at another row or column;
 -- - SELECT on the registry, the migration records, and the inbox's keys (never content);
+-- - SELECT on the wanted indexes and UPDATE of their build state (claim, lease, outcome);
 --   SELECT, INSERT on usage accounting and the opt-in cache; the status views;
 -- - EXECUTE on the functions the worker calls (embedding_queue_expand, the estimates);
 -- - on each registered source table: SELECT of the key column and UPDATE of the target and
@@ -43,6 +44,12 @@ BEGIN
                    qs, qs, qs, qs, role);
     EXECUTE format('GRANT SELECT, INSERT ON %I.embedding_usage, %I.embedding_cache TO %s',
                    qs, qs, role);
+    -- Index builds (0007): a worker claims a due build, renews its lease and records how it
+    -- ended; never which index, on which column, with which parameters.
+    EXECUTE format('GRANT SELECT ON %I.embedding_index_builds TO %s', qs, role);
+    EXECUTE format('GRANT UPDATE (state, error_message, builder, builder_pid, lease_expires_at, '
+                   'attempts, memory_mb, started_at, finished_at) '
+                   'ON %I.embedding_index_builds TO %s', qs, role);
     EXECUTE format('GRANT SELECT ON %I.embedding_queue_summary, %I.embedding_queue_status, '
                    '%I.embedding_usage_summary, %I.embedding_queue_failures, '
                    '%I.embedding_queue_inbox_status TO %s', qs, qs, qs, qs, qs, role);
@@ -51,7 +58,8 @@ BEGIN
                    '%I.embedding_queue_estimate(text, text, text) TO %s', qs, qs, qs, role);
     FOREACH tbl IN ARRAY ARRAY['embedding_queue', 'embedding_targets', 'embedding_usage',
                                'embedding_cache', 'embedding_queue_inbox',
-                               'queue_processor_migrations', 'queue_processor_functions'] LOOP
+                               'queue_processor_migrations', 'queue_processor_functions',
+                               'embedding_index_builds'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_policy
                         WHERE polrelid = format('%I.%I', qs, tbl)::regclass
                           AND polname = policy) THEN
