@@ -51,6 +51,7 @@ from queue_processor.queue.registry import (
     grant_worker,
     list_targets,
     register_target,
+    set_length_policy,
     unregister_target,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "requeue_failed",
     "schedule_retry",
     "search",
+    "set_length_policy",
     "status",
     "unregister_target",
 ]

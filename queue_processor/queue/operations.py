@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -24,6 +24,8 @@ class StatusReport:
     usage: list[Row]
     failures: list[Row]
     inbox: list[Row]
+    # Done items whose text was cut to the model's input limit, per target.
+    truncated: list[Row] = field(default_factory=list)
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
@@ -37,8 +39,9 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
             conn, db.statement("recent_failures"), {"limit": failures_limit}
         )
         inbox = await db.fetch_all(conn, db.statement("inbox_status"))
+        truncated = await db.fetch_all(conn, db.statement("truncated_counts"))
     assert summary is not None
-    return StatusReport(counts, summary, usage, failures, inbox)
+    return StatusReport(counts, summary, usage, failures, inbox, truncated)
 
 
 async def requeue_failed(
