@@ -41,10 +41,35 @@ from tests.support.helpers import (
 pytestmark = pytest.mark.anyio
 
 OPENAI_MODEL = "text-embedding-3-small"
-_WORDS = (
-    "the meeting moved on to budget items and then questions from the floor about next "
-    "quarter hiring plans customer support tickets release dates and the office move"
-).split()
+_WORDS = [
+    "the",
+    "meeting",
+    "moved",
+    "on",
+    "to",
+    "budget",
+    "items",
+    "and",
+    "then",
+    "questions",
+    "from",
+    "the",
+    "floor",
+    "about",
+    "next",
+    "quarter",
+    "hiring",
+    "plans",
+    "customer",
+    "support",
+    "tickets",
+    "release",
+    "dates",
+    "and",
+    "the",
+    "office",
+    "move",
+]
 
 
 def transcript(n_words: int, seed: int = 0) -> str:
@@ -176,20 +201,23 @@ async def test_a_server_with_a_smaller_limit_is_learned_and_texts_shrunk(
         )
 
 
+@pytest.mark.parametrize("configured", [1000, None])
 async def test_a_server_whose_tokenizer_is_unknown_still_gets_fitting_texts(
-    db: Database, dsn: str, server: FakeOpenAIServer
+    db: Database, dsn: str, server: FakeOpenAIServer, configured: int | None
 ) -> None:
-    # A model we know nothing of, configured by EMBEDDING_MAX_INPUT_TOKENS; its server counts
-    # one token per 2 bytes, while our estimate assumes 3.
+    # A model we know nothing of, its limit configured by EMBEDDING_MAX_INPUT_TOKENS or not
+    # at all; its server counts one token per 2 bytes, while our estimate assumes 3.
     server.max_input_tokens = 1000
     server.bytes_per_token = 2
     make_docs(dsn, 1)
     text = transcript(2_000, seed=3)
     add_long_rows(dsn, {100: text})
 
-    async with make_provider(server, model="my-embedder", max_input_tokens=1000) as provider:
+    async with make_provider(server, model="my-embedder", max_input_tokens=configured) as provider:
         assert not provider.tokenizer.exact
         await drain(db, provider)
+        assert provider.max_input_tokens is not None
+        assert provider.max_input_tokens < 1000  # in our (estimated) tokens: learned
 
     row = queue_rows(dsn)["100"]
     assert row["status"] == "done"

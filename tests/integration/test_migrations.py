@@ -50,7 +50,8 @@ async def test_migrate_applies_all_then_nothing(empty_dsn: str) -> None:
             await check_schema(db)
         first = await migrate(db)
         assert first == [m.version for m in load_migrations()]
-        assert first[0] == 1 and first[-1] == latest_version()
+        assert first[0] == 1
+        assert first[-1] == latest_version()
         assert await migrate(db) == []
         await check_schema(db)
     assert applied_versions(empty_dsn) == [m.version for m in load_migrations()]
