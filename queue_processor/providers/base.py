@@ -20,10 +20,12 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import ClassVar, Self, TypeAlias
 
 import anyio
+import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 import structlog
@@ -240,11 +242,15 @@ class BatchingProvider(EmbeddingProvider):
         unique, index_map = dedupe(texts)
         call = _Call(unique)
         sendable = call.encodable_positions()
-        groups = pack_requests(
-            [unique[i] for i in sendable],
-            self.max_inputs_per_request,
-            self.max_tokens_per_request,
-            count=self.tokenizer.count,
+        # Counting tokens of long texts takes a while: off the event loop.
+        groups = await anyio.to_thread.run_sync(
+            partial(
+                pack_requests,
+                [unique[i] for i in sendable],
+                self.max_inputs_per_request,
+                self.max_tokens_per_request,
+                count=self.tokenizer.count,
+            )
         )
         await self._run_requests(call, [[sendable[i] for i in group] for group in groups])
         if self.dimensions is None:

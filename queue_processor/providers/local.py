@@ -178,13 +178,13 @@ class LocalProvider(BatchingProvider):
     def _adopt_tokenizer(self, model: Any) -> None:
         """Count with the model's own tokenizer; its input limit is ``max_seq_length`` less
         the special tokens it adds to every text (2 for BERT-like models: [CLS], [SEP])."""
-        tokenizer = getattr(model, "tokenizer", None)
+        backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
         window = getattr(model, "max_seq_length", None)
-        if tokenizer is None or not window:
-            return
-        reserved = len(tokenizer("", add_special_tokens=True)["input_ids"])
-        self.tokenizer = HFTokenizer(tokenizer, self.model)
-        self.max_input_tokens = max(1, int(window) - reserved)
+        if backend is None or not window:
+            return  # a slow (Python) tokenizer: keep the estimate
+        tokenizer = HFTokenizer(backend, self.model)
+        self.tokenizer = tokenizer
+        self.max_input_tokens = max(1, int(window) - tokenizer.special_tokens())
 
     def _load_sync(self) -> Any:
         """Import sentence-transformers and build the model (runs in a worker thread)."""

@@ -39,6 +39,7 @@ from queue_processor.providers.base import (
     BatchingProvider,
     RequestResult,
     Usage,
+    estimate_tokens,
     require,
 )
 from queue_processor.providers.http import (
@@ -230,7 +231,8 @@ class OpenAIProvider(BatchingProvider):
         body: dict[str, Any] = {"model": self.model, "input": inputs, "encoding_format": "base64"}
         if self.dimensions is not None:
             body["dimensions"] = self.dimensions
-        estimated = sum(max(1, self.tokenizer.count(text)) for text in inputs)
+        # For the rate limiter and a server that reports no usage; packing counted exactly.
+        estimated = sum(estimate_tokens(text) for text in inputs)
         limit_bytes = self.response_limit_bytes(len(inputs))
 
         async def attempt() -> tuple[RequestResult, int]:

@@ -19,6 +19,7 @@ of a server's 400 message (OpenAI, vLLM, llama.cpp and others word it alike).
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -101,29 +102,36 @@ class TiktokenTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face (fast) tokenizer, e.g. a sentence-transformers model's own; counts
-    exclude the special tokens the model adds (``reserved``, subtracted from its limit)."""
+    """A Hugging Face ``tokenizers.Tokenizer`` (e.g. a sentence-transformers model's own),
+    exact; counts exclude the special tokens the model adds to every text.
+
+    Keeps its own copy, without truncation or padding: the model's tokenizer is set to cut
+    at the window and is used by encodes in another thread, and changing a Rust tokenizer's
+    settings while another thread uses it fails ("Already borrowed"). Encoding only reads.
+    """
 
     exact = True
 
-    def __init__(self, tokenizer: Any, name: str) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, backend: Any, name: str) -> None:
+        self._backend = copy.deepcopy(backend)
+        self._backend.no_truncation()
+        self._backend.no_padding()
         self.name = name
 
-    def _encode(self, text: str) -> Any:
-        return self._tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )
+    def special_tokens(self) -> int:
+        """How many special tokens the model adds to a text ([CLS] and [SEP]: 2)."""
+        return len(self._backend.encode("", add_special_tokens=True).ids)
 
     def count(self, text: str) -> int:
-        return len(self._encode(text)["input_ids"])
+        return len(self._backend.encode(text, add_special_tokens=False).ids)
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        offsets = self._encode(text)["offset_mapping"]
+        offsets = self._backend.encode(text, add_special_tokens=False).offsets
         if len(offsets) <= max_tokens:
             return text
         if max_tokens <= 0:
             return ""
+        # Offsets count characters of the Python string.
         return text[: int(offsets[max_tokens - 1][1])]
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+import anyio
+import anyio.to_thread
 import structlog
 
 from queue_processor import queue
@@ -128,11 +130,18 @@ class BatchProcessor:
             return [], [], []
         await self._provider.prepare()  # a local model's tokenizer and window, once loaded
         limit, tokenizer = self._provider.max_input_tokens, self._provider.tokenizer
+
+        def fit_all() -> list[Fitted | TooLong]:
+            return [
+                fit(w.item.content or "", w.target.length_policy, limit, tokenizer) for w in work
+            ]
+
+        # Counting long texts takes a while: off the event loop (lease renewal, LISTEN).
+        outcomes = await anyio.to_thread.run_sync(fit_all)
         kept: list[_Work] = []
         fitted: list[Fitted] = []
         failures: list[ItemFailure] = []
-        for w in work:
-            outcome = fit(w.item.content or "", w.target.length_policy, limit, tokenizer)
+        for w, outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, TooLong):
                 failures.append(ItemFailure(w.item, "too_long", outcome.message))
             else:
