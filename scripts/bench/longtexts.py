@@ -22,7 +22,7 @@ _PARTS = 80
 
 def run(ctx: Context) -> None:
     sizes, cluster = ctx.sizes, ctx.cluster
-    rows = max(50, sizes.pipeline_rows // 30)
+    rows = max(100, sizes.pipeline_rows // 30)
     short = cluster.loaded(ctx.corpus, rows)
     long = _long_template(ctx, rows)
     detail: dict[str, Any] = {"rows": rows, "batch_size": DEFAULTS.batch_size}
