@@ -62,7 +62,8 @@ def run(ctx: Context) -> None:
             "/s",
             ratio=ratio,
             ratio_of="short",
-            note=f"{median(tokens['long']):,.0f} tokens/s sent vs {median(tokens['short']):,.0f}",
+            note=f"tokens/s sent (the server's count): {median(tokens['long']):,.0f} "
+            f"vs {median(tokens['short']):,.0f}",
         )
     )
 
