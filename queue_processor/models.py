@@ -13,6 +13,12 @@ Status = Literal["pending", "processing", "done", "failed"]
 STATUSES: tuple[Status, ...] = ("pending", "processing", "done", "failed")
 
 ColumnType = Literal["vector", "halfvec", "real[]", "double precision[]", "jsonb", "bytea"]
+# What a target does with a text longer than the model's input limit (embedding_targets.
+# length_policy, migration 0008): cut it to the limit (the item is done with a detail), or
+# fail it.
+LengthPolicy = Literal["truncate", "fail"]
+LENGTH_POLICIES: tuple[LengthPolicy, ...] = ("truncate", "fail")
+
 IdType = Literal["smallint", "integer", "bigint", "uuid", "text", "character varying"]
 
 # Why one claimed item ended failed. Each reason is final for that content: the item is not
@@ -22,6 +28,7 @@ FailureReason = Literal[
     "empty_content",  # NULL or whitespace only
     "invalid_record_id",  # the queued key does not parse as the target's id type
     "provider_rejected",  # the provider returned an error instead of a vector for it
+    "too_long",  # longer than the model's input limit, on a target whose policy is fail
     "dimension_mismatch",  # the vector does not fit the target column's dimensions
     "write_rejected",  # Postgres refused the write into its target
     "lease_expired",  # its claims lapsed max_attempts times (failed by the claim itself)
@@ -83,6 +90,7 @@ class Target:
     model: str | None
     model_column: str | None
     generated_at_column: str | None
+    length_policy: LengthPolicy = "truncate"
 
     @property
     def key(self) -> tuple[str, str]:

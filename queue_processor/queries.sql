@@ -101,6 +101,11 @@ SELECT {qs}.embedding_register_target(
     p_generated_at_column => %(generated_at_column)s::text
 ) AS table_name;
 
+-- name: set_length_policy
+-- A registered target's policy for texts over the model's input limit (truncate | fail).
+SELECT {qs}.embedding_target_set_length_policy(%(table_name)s::text, %(column)s::text,
+                                               %(policy)s::text) AS found;
+
 -- name: unregister_target
 -- Drop a target's triggers, registry row and queue rows.
 SELECT {qs}.embedding_unregister_target(%(table_name)s::text, %(column)s::text) AS removed;
@@ -118,7 +123,7 @@ SELECT pg_notify('embedding_queue', '');
 -- The whole target registry.
 SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_type,
        content_columns, content_template, column_type, dimensions, model, model_column,
-       generated_at_column
+       generated_at_column, length_policy
   FROM {qs}.embedding_targets
  ORDER BY table_name, embedding_column;
 
@@ -292,6 +297,8 @@ pg_catalog.to_jsonb(v.vec)
 -- and mark those items done, in one statement. Items still claimed under our token whose
 -- source row was not found are done too, with a detail saying nothing was written (retrying
 -- could never succeed); items no longer claimed are left alone. `missing` reports the former.
+-- A written item keeps the detail the worker sent with it (%(details)s, aligned with
+-- %(qids)s: "truncated to 8,191 of 23,125 tokens", or NULL).
 WITH written AS (
     {write}
 )
@@ -299,10 +306,11 @@ UPDATE {qs}.embedding_queue AS q
    SET status = 'done', processed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
        error_message = NULL,
        claim_token = NULL, lease_expires_at = NULL,
-       detail = CASE WHEN q.id IN (SELECT w.qid FROM written AS w) THEN NULL
+       detail = CASE WHEN q.id IN (SELECT w.qid FROM written AS w)
+                     THEN (%(details)s::text[])[pg_catalog.array_position(%(qids)s::bigint[], q.id)]
                      ELSE 'source row not found; nothing written' END
  WHERE q.id = ANY(%(qids)s::bigint[]) AND q.status = 'processing' AND q.claim_token = %(token)s
-RETURNING q.id, q.detail IS NOT NULL AS missing;
+RETURNING q.id, q.id NOT IN (SELECT w.qid FROM written AS w) AS missing;
 
 -- name: fail_items
 -- Permanent failures: each item ends failed with its own message.
@@ -350,6 +358,15 @@ VALUES (%(owner)s, %(model)s, %(items)s, %(tokens)s, %(requests)s);
 SELECT table_name, embedding_column, status, count
   FROM {qs}.embedding_queue_status
  ORDER BY table_name, embedding_column, status;
+
+-- name: truncated_counts
+-- Done items whose text was cut to the model's input limit, per target (the worker's detail
+-- "truncated to N of M tokens"; a content change clears the detail with the re-pend).
+SELECT table_name, embedding_column, count(*)::bigint AS truncated
+  FROM {qs}.embedding_queue
+ WHERE status = 'done' AND detail LIKE 'truncated to %%'
+ GROUP BY table_name, embedding_column
+ ORDER BY table_name, embedding_column;
 
 -- name: inbox_status
 -- Bulk inserts not yet expanded into queue rows, per target.

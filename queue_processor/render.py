@@ -93,6 +93,7 @@ def status_json(report: StatusReport, price_override: float | None) -> dict[str,
         "recent_failures": report.failures,
         "inbox": report.inbox,
         "indexes": report.indexes,
+        "truncated": report.truncated,
     }
 
 
@@ -114,14 +115,21 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
     table.add_column("column")
     for status in STATUSES:
         table.add_column(status, justify="right")
+    table.add_column("truncated", justify="right")  # of done: text cut to the model's limit
     per_target: dict[tuple[str, str], dict[str, int]] = {}
     for row in report.counts:
         key = (row["table_name"], row["embedding_column"])
         per_target.setdefault(key, {})[row["status"]] = int(row["count"])
+    truncated = {(r["table_name"], r["embedding_column"]): r["truncated"] for r in report.truncated}
     for (table_name, column), counts in sorted(per_target.items()):
-        table.add_row(plain(table_name), plain(column), *(str(counts.get(s, 0)) for s in STATUSES))
+        table.add_row(
+            plain(table_name),
+            plain(column),
+            *(str(counts.get(s, 0)) for s in STATUSES),
+            str(truncated.get((table_name, column), 0)),
+        )
     if not per_target:
-        table.add_row("(empty)", "", *("0" for _ in STATUSES))
+        table.add_row("(empty)", "", *("0" for _ in STATUSES), "0")
     s = report.summary
     lines: list[RenderableType] = [
         table,

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     embedding_max_tokens_per_request: int = Field(
         default=250_000, gt=0, alias="EMBEDDING_MAX_TOKENS_PER_REQUEST"
     )
+    # The model's input limit in tokens, for servers whose model queue_processor does not know
+    # (OpenAI's models: their table; the local model: its own window). Unset and unknown:
+    # no limit is applied until a server answers "maximum context length is N tokens".
+    embedding_max_input_tokens: int | None = Field(
+        default=None, gt=0, alias="EMBEDDING_MAX_INPUT_TOKENS"
+    )
     embedding_max_concurrent_requests: int = Field(
         default=4, gt=0, alias="EMBEDDING_MAX_CONCURRENT_REQUESTS"
     )

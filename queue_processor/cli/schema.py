@@ -18,6 +18,7 @@ from queue_processor.migrations import check_schema, migrate, plan
 from queue_processor.models import (
     HNSW_DEFAULT_EF_CONSTRUCTION,
     HNSW_DEFAULT_M,
+    LENGTH_POLICIES,
     IndexSpec,
     Target,
 )
@@ -89,6 +90,9 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             model_column=args.model_column,
             generated_at_column=args.generated_at_column,
         )
+        if args.length_policy:
+            await queue.set_length_policy(db, label, args.column, args.length_policy)
+            out(f"texts over the model's input limit: {args.length_policy}")
         spec = None
         if args.index:
             target = await find_target(db, label, args.column)
@@ -254,6 +258,12 @@ def _add_register_parser(sub: Subparsers) -> None:
     p.add_argument("--dimensions", type=int, help="expected vector dimensions")
     p.add_argument("--model-column", help="companion column filled with the model name")
     p.add_argument("--generated-at-column", help="companion column filled with the write time")
+    p.add_argument(
+        "--length-policy",
+        choices=list(LENGTH_POLICIES),
+        help="texts over the model's input limit: truncate them (the default; the item's "
+        "detail says so) or fail them",
+    )
     p.add_argument(
         "--create-column",
         action="store_true",

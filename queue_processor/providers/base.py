@@ -18,17 +18,20 @@ from __future__ import annotations
 import abc
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import ClassVar, Self, TypeAlias
 
 import anyio
+import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 import structlog
 
 from queue_processor.errors import ConfigurationError, ProviderUnavailable
+from queue_processor.providers.tokens import ContextLimit, EstimateTokenizer, Tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +49,8 @@ class EmbedResult:
     ``tokens`` is the usage the server reported (estimated where it reported none) and
     ``requests`` counts HTTP requests made, including retries and split requests;
     ``cached`` counts inputs served from a cache instead of the backend.
+    ``too_long[i]`` (a subset of ``errors``) says that the server refused input ``i`` for
+    its length and how many tokens (in the provider's ``tokenizer``) it must be cut to.
     """
 
     vectors: list[Vector | None]
@@ -53,6 +58,7 @@ class EmbedResult:
     tokens: int = 0
     requests: int = 0
     cached: int = 0
+    too_long: dict[int, int] = field(default_factory=dict)
 
 
 class EmbeddingProvider(abc.ABC):
@@ -61,6 +67,8 @@ class EmbeddingProvider(abc.ABC):
     Attributes describe the backend for the worker: ``name`` (e.g. "openai"), ``model``,
     ``dimensions`` (the expected output dimension, None if unknown until the first vector),
     and the per-request limits the provider packs batches into.
+    ``max_input_tokens`` is the model's input limit (None: unknown), counted in
+    ``tokenizer``; it goes down when a server reports a smaller one (see ``too_long``).
     """
 
     name: str
@@ -68,6 +76,11 @@ class EmbeddingProvider(abc.ABC):
     dimensions: int | None
     max_inputs_per_request: int
     max_tokens_per_request: int
+    max_input_tokens: int | None = None
+    tokenizer: Tokenizer = EstimateTokenizer()
+
+    async def prepare(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Make ``tokenizer`` and ``max_input_tokens`` final (e.g. load a local model)."""
 
     @abc.abstractmethod
     async def embed(self, texts: Sequence[str]) -> EmbedResult:
@@ -114,12 +127,19 @@ class RequestResult:
 
     vectors: list[Vector | None]
     errors: dict[int, str] = field(default_factory=dict)
+    # Texts the server refused for their length, with what it said (a subset of errors).
+    context_limits: dict[int, ContextLimit] = field(default_factory=dict)
 
     def __add__(self, other: RequestResult) -> RequestResult:
         """This result followed by ``other``: the result of the two requests' texts in order."""
         shift = len(self.vectors)
         errors = self.errors | {offset + shift: error for offset, error in other.errors.items()}
-        return RequestResult(vectors=self.vectors + other.vectors, errors=errors)
+        limits = self.context_limits | {
+            offset + shift: limit for offset, limit in other.context_limits.items()
+        }
+        return RequestResult(
+            vectors=self.vectors + other.vectors, errors=errors, context_limits=limits
+        )
 
 
 class BatchingProvider(EmbeddingProvider):
@@ -148,15 +168,23 @@ class BatchingProvider(EmbeddingProvider):
         dimensions: int | None,
         max_inputs_per_request: int,
         max_tokens_per_request: int,
+        max_input_tokens: int | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """Check and set what every backend has (ConfigurationError for a bad value)."""
         require(bool(model.strip()), f"the {self.name} embedding model name is empty")
         require(max_inputs_per_request >= 1, "max_inputs_per_request must be at least 1")
         require(max_tokens_per_request >= 1, "max_tokens_per_request must be at least 1")
+        require(
+            max_input_tokens is None or max_input_tokens >= 1,
+            "max_input_tokens must be at least 1",
+        )
         self.model = model
         self.dimensions = dimensions
         self.max_inputs_per_request = max_inputs_per_request
         self.max_tokens_per_request = max_tokens_per_request
+        self.max_input_tokens = max_input_tokens
+        self.tokenizer = tokenizer or EstimateTokenizer()
 
     @property
     @abc.abstractmethod
@@ -165,6 +193,36 @@ class BatchingProvider(EmbeddingProvider):
 
     async def _prepare(self) -> None:
         """Make the backend ready before a non-empty call (e.g. load a model)."""
+
+    async def prepare(self) -> None:
+        """Make the backend ready now (``_prepare``): its tokenizer and limit are final."""
+        if self.is_closed:
+            raise RuntimeError(f"the {self.name} provider is closed")
+        await self._prepare()
+
+    def learn_input_limit(self, text: str, said: ContextLimit) -> int | None:
+        """A server refused ``text`` saying its limit is ``said.limit`` tokens: return how many
+        of our tokens the text must be cut to (None when cutting could not help), and lower
+        ``max_input_tokens`` to it for the rest of the run.
+
+        The server's count and ours may differ (an estimate, a BOS token): the cut scales our
+        count by limit/requested, taking our count as the server's when it named none.
+        """
+        ours = self.tokenizer.count(text)
+        requested = said.requested or ours
+        fit = ours * said.limit // requested if requested > 0 else 0
+        if fit >= ours or fit < 1:
+            return None
+        if self.max_input_tokens is None or fit < self.max_input_tokens:
+            log.warning(
+                "input_limit_learned",
+                model=self.model,
+                server_limit=said.limit,
+                max_input_tokens=fit,
+                previous=self.max_input_tokens,
+            )
+            self.max_input_tokens = fit
+        return fit
 
     @abc.abstractmethod
     async def _embed_request(self, texts: list[str], usage: Usage) -> RequestResult:
@@ -184,8 +242,15 @@ class BatchingProvider(EmbeddingProvider):
         unique, index_map = dedupe(texts)
         call = _Call(unique)
         sendable = call.encodable_positions()
-        groups = pack_requests(
-            [unique[i] for i in sendable], self.max_inputs_per_request, self.max_tokens_per_request
+        # Counting tokens of long texts takes a while: off the event loop.
+        groups = await anyio.to_thread.run_sync(
+            partial(
+                pack_requests,
+                [unique[i] for i in sendable],
+                self.max_inputs_per_request,
+                self.max_tokens_per_request,
+                count=self.tokenizer.count,
+            )
         )
         await self._run_requests(call, [[sendable[i] for i in group] for group in groups])
         if self.dimensions is None:
@@ -222,6 +287,10 @@ class BatchingProvider(EmbeddingProvider):
             vector = result.vectors[offset]
             if vector is None:
                 call.errors[position] = result.errors.get(offset, "provider returned no vector")
+                said = result.context_limits.get(offset)
+                fit = None if said is None else self.learn_input_limit(call.unique[position], said)
+                if fit is not None:
+                    call.too_long[position] = fit
                 continue
             problem = validate_vector(vector, self.dimensions)
             if problem is not None:
@@ -238,6 +307,7 @@ class _Call:
     unique: list[str]
     vectors: dict[int, Vector] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    too_long: dict[int, int] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
 
     def encodable_positions(self) -> list[int]:
@@ -271,15 +341,22 @@ class _Call:
         """The call's result for the original inputs (``index_map`` from ``dedupe``)."""
         vectors: list[Vector | None] = []
         errors: dict[int, str] = {}
+        too_long: dict[int, int] = {}
         for index, position in enumerate(index_map):
             vector = self.vectors.get(position)
             vectors.append(vector)
             if vector is None:
                 errors[index] = self.errors.get(position, "provider returned no vector")
+                if position in self.too_long:
+                    too_long[index] = self.too_long[position]
         if errors:
             log.warning("provider_input_errors", inputs=len(index_map), failed=len(errors))
         return EmbedResult(
-            vectors=vectors, errors=errors, tokens=self.usage.tokens, requests=self.usage.requests
+            vectors=vectors,
+            errors=errors,
+            tokens=self.usage.tokens,
+            requests=self.usage.requests,
+            too_long=too_long,
         )
 
 
@@ -292,12 +369,18 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(len(text.encode("utf-8", "surrogatepass")) / 4))
 
 
-def pack_requests(texts: Sequence[str], max_inputs: int, max_tokens: int) -> list[list[int]]:
+def pack_requests(
+    texts: Sequence[str],
+    max_inputs: int,
+    max_tokens: int,
+    *,
+    count: Callable[[str], int] = estimate_tokens,
+) -> list[list[int]]:
     """Group input indices, in order, into requests within both limits.
 
-    Each group has at most ``max_inputs`` inputs and at most ``max_tokens`` estimated
-    tokens, except that a single input over the token budget gets a group of its own (the
-    server decides whether it is too long).
+    Each group has at most ``max_inputs`` inputs and at most ``max_tokens`` tokens as
+    ``count`` counts them (the provider's tokenizer), except that a single input over the
+    token budget gets a group of its own (the server decides whether it is too long).
     """
     if max_inputs < 1 or max_tokens < 1:
         raise ValueError("max_inputs and max_tokens must be positive")
@@ -305,7 +388,7 @@ def pack_requests(texts: Sequence[str], max_inputs: int, max_tokens: int) -> lis
     current: list[int] = []
     current_tokens = 0
     for index, text in enumerate(texts):
-        tokens = estimate_tokens(text)
+        tokens = max(1, count(text))
         if current and (len(current) >= max_inputs or current_tokens + tokens > max_tokens):
             groups.append(current)
             current, current_tokens = [], 0

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from queue_processor.providers.base import EmbeddingProvider, EmbedResult, Vector
+from queue_processor.providers.tokens import Tokenizer
 
 
 class VectorStore(Protocol):
@@ -58,6 +59,27 @@ class CachedProvider(EmbeddingProvider):
     def dimensions(self, value: int | None) -> None:
         self.inner.dimensions = value
 
+    @property
+    def max_input_tokens(self) -> int | None:
+        """The backend's (it learns a smaller one from the server's answers)."""
+        return self.inner.max_input_tokens
+
+    @max_input_tokens.setter
+    def max_input_tokens(self, value: int | None) -> None:
+        self.inner.max_input_tokens = value
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The backend's (a local model's is known once it is loaded)."""
+        return self.inner.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Tokenizer) -> None:
+        self.inner.tokenizer = value
+
+    async def prepare(self) -> None:
+        await self.inner.prepare()
+
     def __repr__(self) -> str:
         return f"CachedProvider({self.inner!r})"
 
@@ -74,12 +96,15 @@ class CachedProvider(EmbeddingProvider):
             return EmbedResult(vectors=vectors, cached=len(texts))
         result = await self.inner.embed([texts[i] for i in missing])
         errors: dict[int, str] = {}
+        too_long: dict[int, int] = {}
         fresh: list[tuple[bytes, Vector]] = []
         for position, index in enumerate(missing):
             vector = result.vectors[position]
             vectors[index] = vector
             if vector is None:
                 errors[index] = result.errors.get(position, "provider returned no vector")
+                if position in result.too_long:
+                    too_long[index] = result.too_long[position]
             else:
                 fresh.append((hashes[index], vector))
         await self._store.store(fresh)
@@ -89,6 +114,7 @@ class CachedProvider(EmbeddingProvider):
             tokens=result.tokens,
             requests=result.requests,
             cached=len(texts) - len(missing),
+            too_long=too_long,
         )
 
     async def aclose(self) -> None:

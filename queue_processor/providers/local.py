@@ -16,8 +16,10 @@ packing, vector validation) is ``BatchingProvider``'s.
 Failures are translated here: the package missing or the model not loadable is a
 ``ConfigurationError`` (stop the worker); an encode that raises is ``ProviderUnavailable``
 (the batch is retried later); a text that is not valid Unicode, or a vector with NaN/inf,
-is a per-input error. Texts longer than the model's ``max_seq_length`` (256 word pieces for
-all-MiniLM-L6-v2) are truncated by sentence-transformers, as is usual for such models.
+is a per-input error. Once loaded, the provider counts tokens with the model's own tokenizer
+and reports its input limit (``max_seq_length`` less the special tokens: 254 word pieces for
+all-MiniLM-L6-v2), so the worker applies each target's policy (truncate with a detail, chunk,
+or fail) before sentence-transformers would cut a longer text silently.
 
 torch and sentence_transformers are imported only inside functions, so the package imports
 without them.
@@ -39,9 +41,9 @@ from queue_processor.providers.base import (
     BatchingProvider,
     RequestResult,
     Usage,
-    estimate_tokens,
     require,
 )
+from queue_processor.providers.tokens import HFTokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +94,8 @@ class LocalProvider(BatchingProvider):
     cosine distance and inner product agree. ``max_inputs_per_request`` bounds the texts of
     one ``encode`` call (one "request" in ``EmbedResult.requests``).
     ``dimensions`` is None until the model is loaded, then the model's output dimension.
-    Identical texts of a call are encoded once; ``EmbedResult.tokens`` is an estimate.
+    Identical texts of a call are encoded once; ``EmbedResult.tokens`` counts the model's
+    tokens (without special tokens).
     """
 
     name = "local"
@@ -163,6 +166,7 @@ class LocalProvider(BatchingProvider):
             model = await anyio.to_thread.run_sync(self._load_sync, limiter=self._limiter)
             self._model = model
             self.dimensions = _output_dimension(model)
+            self._adopt_tokenizer(model)
             log.info(
                 "local_model_loaded",
                 model=self.model,
@@ -170,6 +174,17 @@ class LocalProvider(BatchingProvider):
                 device=self.device,
                 dimensions=self.dimensions,
             )
+
+    def _adopt_tokenizer(self, model: Any) -> None:
+        """Count with the model's own tokenizer; its input limit is ``max_seq_length`` less
+        the special tokens it adds to every text (2 for BERT-like models: [CLS], [SEP])."""
+        backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+        window = getattr(model, "max_seq_length", None)
+        if backend is None or not window:
+            return  # a slow (Python) tokenizer: keep the estimate
+        tokenizer = HFTokenizer(backend, self.model)
+        self.tokenizer = tokenizer
+        self.max_input_tokens = max(1, int(window) - tokenizer.special_tokens())
 
     def _load_sync(self) -> Any:
         """Import sentence-transformers and build the model (runs in a worker thread)."""
@@ -220,10 +235,10 @@ class LocalProvider(BatchingProvider):
         await self.load()
 
     async def _embed_request(self, texts: list[str], usage: Usage) -> RequestResult:
-        """One ``encode`` call; ``tokens`` are estimated (a local model reports no usage)."""
+        """One ``encode`` call; ``tokens`` counted by the model's tokenizer (no usage reported)."""
         matrix = await self._encode(texts)
         usage.requests += 1
-        usage.tokens += sum(estimate_tokens(text) for text in texts)
+        usage.tokens += sum(max(1, self.tokenizer.count(text)) for text in texts)
         return RequestResult(
             vectors=[np.ascontiguousarray(row, dtype=np.float32) for row in matrix]
         )

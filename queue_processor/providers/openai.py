@@ -8,7 +8,9 @@ translates its failures, at the edge, into the shapes the worker acts on:
   with exponential backoff and jitter, honouring ``Retry-After`` and OpenAI's
   ``x-ratelimit-reset-*`` hints; afterwards ``ProviderUnavailable``.
 - 400 / 413 / 422: the request is split in halves until the offending input is alone; that
-  input gets a per-input error, the others their vectors.
+  input gets a per-input error, the others their vectors. When the error says "maximum
+  context length is N tokens", the input is marked too long (``EmbedResult.too_long``: the
+  worker cuts it and sends it again) and N lowers the limit for the rest of the run.
 - wrong dimension, NaN/inf, missing or undecodable vectors: per-input errors.
 - 401 / 403 / 404 / unknown model / other 4xx: ``ConfigurationError`` (stop the worker).
 - a success body larger than the request can legitimately produce (see
@@ -58,6 +60,7 @@ from queue_processor.providers.openai_protocol import (
     usage_tokens,
 )
 from queue_processor.providers.ratelimit import RateLimiter
+from queue_processor.providers.tokens import context_limit, model_input_limit, openai_tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +122,7 @@ class OpenAIProvider(BatchingProvider):
         connect_timeout_seconds: float = 10,
         max_inputs_per_request: int = 512,
         max_tokens_per_request: int = 250_000,
+        max_input_tokens: int | None = None,
         max_concurrent_requests: int = 4,
         max_retries: int = 5,
         backoff_base_seconds: float = 0.5,
@@ -134,6 +138,9 @@ class OpenAIProvider(BatchingProvider):
             dimensions=dimensions,
             max_inputs_per_request=max_inputs_per_request,
             max_tokens_per_request=max_tokens_per_request,
+            # The model's input limit: given (EMBEDDING_MAX_INPUT_TOKENS), else OpenAI's table.
+            max_input_tokens=max_input_tokens or model_input_limit(model),
+            tokenizer=openai_tokenizer(model),
         )
         require(dimensions is None or dimensions > 0, "dimensions must be positive")
         require(timeout_seconds > 0, "timeout_seconds must be positive")
@@ -208,9 +215,11 @@ class OpenAIProvider(BatchingProvider):
         except _Rejected as exc:
             if len(texts) == 1:
                 log.warning("provider_input_rejected", status=exc.status)
+                said = context_limit(exc.message)
                 return RequestResult(
                     vectors=[None],
                     errors={0: f"provider rejected the input (HTTP {exc.status}): {exc.message}"},
+                    context_limits={} if said is None else {0: said},
                 )
             log.info("provider_request_split", status=exc.status, inputs=len(texts))
             middle = len(texts) // 2
@@ -222,6 +231,7 @@ class OpenAIProvider(BatchingProvider):
         body: dict[str, Any] = {"model": self.model, "input": inputs, "encoding_format": "base64"}
         if self.dimensions is not None:
             body["dimensions"] = self.dimensions
+        # For the rate limiter and a server that reports no usage; packing counted exactly.
         estimated = sum(estimate_tokens(text) for text in inputs)
         limit_bytes = self.response_limit_bytes(len(inputs))
 

@@ -62,6 +62,7 @@ from queue_processor.queue.registry import (
     grant_worker,
     list_targets,
     register_target,
+    set_length_policy,
     unregister_target,
 )
 
@@ -102,6 +103,7 @@ __all__ = [
     "retry_index_build",
     "schedule_retry",
     "search",
+    "set_length_policy",
     "status",
     "unregister_target",
     "want_index",

@@ -52,6 +52,8 @@ class Write:
     target: Target
     key: str
     vector: npt.NDArray[np.float32]
+    # Stored with the done item, e.g. "truncated to 8,191 of 23,125 tokens".
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) 
         "qids": [w.item.id for w in group],
         "token": token,
         "model": model,
+        "details": [w.detail for w in group],
     }
     if group[0].target.column_type == "bytea":
         params["blobs"] = [targets.vector_bytes(w.vector) for w in group]

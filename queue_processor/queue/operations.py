@@ -26,6 +26,8 @@ class StatusReport:
     inbox: list[Row]
     # Wanted vector indexes and their build state (queue.index_builds).
     indexes: list[Row] = field(default_factory=list)
+    # Done items whose text was cut to the model's input limit, per target.
+    truncated: list[Row] = field(default_factory=list)
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
@@ -42,8 +44,9 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
         indexes = await db.fetch_all(
             conn, db.statement("index_builds"), {"table_name": None, "column": None}
         )
+        truncated = await db.fetch_all(conn, db.statement("truncated_counts"))
     assert summary is not None
-    return StatusReport(counts, summary, usage, failures, inbox, indexes)
+    return StatusReport(counts, summary, usage, failures, inbox, indexes, truncated)
 
 
 async def requeue_failed(

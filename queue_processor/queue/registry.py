@@ -71,6 +71,18 @@ async def register_target(
     return label
 
 
+async def set_length_policy(db: Database, table_name: str, column: str, policy: str) -> bool:
+    """Set a target's policy for texts over the model's input limit (truncate | fail);
+    False if the target is not registered."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(
+            conn,
+            db.statement("set_length_policy"),
+            {"table_name": table_name, "column": column, "policy": policy},
+        )
+    return bool(row and row["found"])
+
+
 async def _resolve_table(db: Database, conn: Connection, table: str) -> Row:
     """The table named ``table`` (a bare name: in the queue schema, else public; never a
     temporary table): its oid, schema_name and relation_name. ConfigurationError if none."""

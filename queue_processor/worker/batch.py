@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+import anyio
+import anyio.to_thread
 import structlog
 
 from queue_processor import queue
@@ -31,6 +33,7 @@ from queue_processor.models import Claim, ClaimToken, ItemFailure, QueueId, Queu
 from queue_processor.providers.base import EmbeddingProvider, EmbedResult
 from queue_processor.targets import parse_record_id
 from queue_processor.worker.config import WorkerConfig
+from queue_processor.worker.lengths import Embedded, Fitted, TooLong, embed_fitted, fit
 from queue_processor.worker.report import BatchReport
 
 log = structlog.get_logger(__name__)
@@ -94,11 +97,13 @@ class BatchProcessor:
         targets = await self._targets.resolve(claim.items)
         work, failures = validate(claim.items, targets)
         try:
-            embedded = await self._embed([w.item.content or "" for w in work])
+            work, fitted, too_long = await self._fit(work)
+            failures += too_long
+            embedded = await self._embed(work, fitted)
         except TransientError as exc:
             async with write_turn():
                 return await self._retry_later(claim, work, failures, exc, started)
-        writes, rejected = match_vectors(work, embedded)
+        writes, rejected = match_vectors(work, embedded.as_result(), embedded.details)
         failures += rejected
         usage = queue.Usage(self._config.owner, len(work), embedded.tokens, embedded.requests)
         async with write_turn():
@@ -118,11 +123,45 @@ class BatchProcessor:
         _log_written(report, failures, outcome)
         return report
 
-    async def _embed(self, texts: list[str]) -> EmbedResult:
+    async def _fit(self, work: list[_Work]) -> tuple[list[_Work], list[Fitted], list[ItemFailure]]:
+        """Apply each target's length policy (worker/lengths.py): the work that goes to the
+        provider, its texts, and the items that fail for their length."""
+        if not work:
+            return [], [], []
+        await self._provider.prepare()  # a local model's tokenizer and window, once loaded
+        limit, tokenizer = self._provider.max_input_tokens, self._provider.tokenizer
+
+        def fit_all() -> list[Fitted | TooLong]:
+            return [
+                fit(w.item.content or "", w.target.length_policy, limit, tokenizer) for w in work
+            ]
+
+        # Counting long texts takes a while: off the event loop (lease renewal, LISTEN).
+        outcomes = await anyio.to_thread.run_sync(fit_all)
+        kept: list[_Work] = []
+        fitted: list[Fitted] = []
+        failures: list[ItemFailure] = []
+        for w, outcome in zip(work, outcomes, strict=True):
+            if isinstance(outcome, TooLong):
+                failures.append(ItemFailure(w.item, "too_long", outcome.message))
+            else:
+                kept.append(w)
+                fitted.append(outcome)
+        truncated = sum(f.detail is not None for f in fitted)
+        if truncated:
+            log.info("inputs_truncated", inputs=truncated, max_input_tokens=limit)
+        return kept, fitted, failures
+
+    async def _embed(self, work: list[_Work], fitted: list[Fitted]) -> Embedded:
         # A batch of invalid items only is acknowledged without a provider call.
-        if not texts:
-            return EmbedResult(vectors=[])
-        return await self._provider.embed(texts)
+        if not work:
+            return Embedded([], {}, [], 0, 0, 0)
+        return await embed_fitted(
+            self._provider,
+            [w.item.content or "" for w in work],
+            [w.target.length_policy for w in work],
+            fitted,
+        )
 
     async def _retry_later(
         self,
@@ -251,9 +290,10 @@ def validate(
 
 
 def match_vectors(
-    work: Sequence[_Work], embedded: EmbedResult
+    work: Sequence[_Work], embedded: EmbedResult, details: Sequence[str | None] | None = None
 ) -> tuple[list[queue.Write], list[ItemFailure]]:
-    """Pair each item with its vector (aligned with ``work``); items without a vector, or
+    """Pair each item with its vector (aligned with ``work``) and its detail (``details``,
+    aligned too: e.g. "truncated to 8,191 of 23,125 tokens"); items without a vector, or
     with one that does not fit their column, fail."""
     writes: list[queue.Write] = []
     failures: list[ItemFailure] = []
@@ -266,7 +306,8 @@ def match_vectors(
             message = _dims_mismatch(w.target, int(vector.shape[0]))
             failures.append(ItemFailure(w.item, "dimension_mismatch", message))
         else:
-            writes.append(queue.Write(w.item, w.target, w.key, vector))
+            detail = details[index] if details is not None else None
+            writes.append(queue.Write(w.item, w.target, w.key, vector, detail))
     return writes, failures
 
 

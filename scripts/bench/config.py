@@ -27,6 +27,7 @@ SECTIONS = (
     "cache",
     "index",
     "steady",
+    "longtexts",
 )
 MODEL = "text-embedding-3-small"
 DIMS = 768

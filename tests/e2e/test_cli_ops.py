@@ -510,13 +510,13 @@ def test_status_human_output_shows_tables_counts_and_failures(
     rows: dict[tuple[str, str], list[int]] = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip("│ ").split("│")]
-        if len(cells) == 2 + len(STATUSES) and cells[0] in ("docs", "notes"):
+        if len(cells) == 3 + len(STATUSES) and cells[0] in ("docs", "notes"):
             rows[(cells[0], cells[1])] = [int(c) for c in cells[2:]]
-    # columns: pending, processing, done, failed
+    # columns: pending, processing, done, failed, truncated (of done)
     assert rows == {
-        ("docs", "embedding"): [0, 0, 8, 2],
-        ("notes", "body_embedding"): [4, 0, 0, 0],
-        ("notes", "title_embedding"): [2, 2, 0, 0],
+        ("docs", "embedding"): [0, 0, 8, 2, 0],
+        ("notes", "body_embedding"): [4, 0, 0, 0, 0],
+        ("notes", "title_embedding"): [2, 2, 0, 0, 0],
     }
     assert re.search(r"oldest pending: 6[01]m", out), out
     assert "due now: 5" in out

@@ -91,7 +91,10 @@ async def test_vectors_are_384_dimensional_float32_and_normalized(
     assert provider.dimensions == 384
     assert result.errors == {}
     assert result.requests == 1
-    assert result.tokens == sum(estimate_tokens(t) for t in texts)
+    # Tokens are counted by the model's own tokenizer (word pieces, no [CLS]/[SEP]).
+    assert provider.tokenizer.exact
+    assert result.tokens == sum(provider.tokenizer.count(t) for t in texts)
+    assert result.tokens != sum(estimate_tokens(t) for t in texts)
     for vector in result.vectors:
         assert vector is not None
         assert vector.shape == (384,)
@@ -138,7 +141,8 @@ async def test_identical_texts_are_encoded_once(
 
     assert calls == [2]
     assert result.requests == 1
-    assert result.tokens == estimate_tokens("same text") + estimate_tokens("other text")
+    counted = provider.tokenizer.count
+    assert result.tokens == counted("same text") + counted("other text") == 4
     assert len(result.vectors) == 4
     first, other, third, fourth = result.vectors
     assert first is not None
