@@ -92,7 +92,36 @@ def status_json(report: StatusReport, price_override: float | None) -> dict[str,
         "usage": usage,
         "recent_failures": report.failures,
         "inbox": report.inbox,
+        "targets": [dict(t, waiting=target_waiting(t)) for t in report.targets],
     }
+
+
+def target_waiting(target: Mapping[str, Any]) -> str | None:
+    """Why a target's pending items are not being embedded, or None: no running worker
+    serves its model."""
+    if target["model"] is None or target["served"] or not target["pending"]:
+        return None
+    return f"waiting for a worker with model {target['model']}"
+
+
+def _target_line(target: Mapping[str, Any]) -> Text:
+    """One target's binding for the human view: model, what waits, stale vectors."""
+    dims = "" if target["dimensions"] is None else f", {target['dimensions']} dims"
+    model = (
+        "unbound (any worker serves it; `bind` it)"
+        if target["model"] is None
+        else f"model {target['model']}{dims}"
+    )
+    parts = [f"{target['table_name']}.{target['embedding_column']}: {model}"]
+    waiting = target_waiting(target)
+    if waiting:
+        parts.append(f"{target['pending']} pending, {waiting}")
+    if target.get("stale_model"):
+        parts.append(
+            f"{target['stale_model']} row(s) hold another model's vector "
+            "(enqueue --stale-model queues them)"
+        )
+    return plain(" · ".join(parts))
 
 
 def _age(seconds: Any) -> str:
@@ -130,6 +159,7 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
             f"{s['done_last_15m']}"
         ),
     ]
+    lines += [_target_line(t) for t in report.targets]
     for row in report.inbox:
         lines.append(
             plain(

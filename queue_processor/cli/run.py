@@ -52,6 +52,8 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     worker = wired.worker
     if mode != "continuous" or worker.aborted:
         print_summary(summary)
+    if mode != "continuous" and worker.serving is not None and worker.serving.nothing_to_serve:
+        out(worker.serving.message())
     return _exit_code(mode, worker, summary)
 
 

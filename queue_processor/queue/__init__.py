@@ -10,6 +10,8 @@ queries.sql, one named statement per function. The worker never sees SQL text.
 - ``operations``  the queue as a whole: ``status``, ``requeue_failed``, ``purge``,
                   estimates, ``search``, ``queue_depth``
 - ``cache``       the opt-in embedding cache and ``EmbeddingCacheStore``
+- ``workers``     running workers and their models (``worker_seen``, ``worker_gone``), and
+                  ``bind_target``
 
 Callers use the package (``queue.claim_batch(...)``): every name is re-exported here, so
 tests that patch ``queue.<name>`` reach every caller that goes through the package.
@@ -53,6 +55,7 @@ from queue_processor.queue.registry import (
     register_target,
     unregister_target,
 )
+from queue_processor.queue.workers import bind_target, worker_gone, worker_seen
 
 __all__ = [
     "EXPAND_FACTOR",
@@ -67,6 +70,7 @@ __all__ = [
     "Write",
     "add_embedding_column",
     "backfill",
+    "bind_target",
     "cache_lookup",
     "cache_store",
     "claim_batch",
@@ -87,4 +91,6 @@ __all__ = [
     "search",
     "status",
     "unregister_target",
+    "worker_gone",
+    "worker_seen",
 ]

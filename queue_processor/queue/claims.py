@@ -89,6 +89,7 @@ async def claim_batch(
     max_attempts: int,
     max_content_chars: int = MAX_CONTENT_CHARS,
     max_claim_bytes: int = MAX_CLAIM_BYTES,
+    models: Sequence[str] | None = None,
 ) -> ClaimResult:
     """Claim up to ``limit`` items in one committed statement (see queries.sql).
 
@@ -99,6 +100,9 @@ async def claim_batch(
     Keys of bulk inserts waiting in the inbox are turned into queue rows first (a slice of
     ``max(EXPAND_MIN, EXPAND_FACTOR * limit)`` keys, committed on its own), so they become
     claimable. ``inbox_pending`` tells a caller that found nothing whether keys remain.
+
+    ``models`` are the models the caller embeds with: only items of targets bound to one of
+    them, or to none, are claimed (None claims items of every target).
     """
     token = ClaimToken(uuid.uuid4())
     async with db.connection(autocommit=True) as conn:
@@ -118,6 +122,7 @@ async def claim_batch(
                 "max_attempts": max_attempts,
                 "max_content_chars": max_content_chars,
                 "max_claim_bytes": max_claim_bytes,
+                "models": None if models is None else list(models),
             },
         )
         inbox_pending = False

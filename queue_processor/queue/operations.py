@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from queue_processor import targets
 from queue_processor.db import Database, Row, float4_array
-from queue_processor.errors import PermanentError
+from queue_processor.errors import PermanentError, StatementFailed
 from queue_processor.models import Target
 
 
@@ -24,11 +24,13 @@ class StatusReport:
     usage: list[Row]
     failures: list[Row]
     inbox: list[Row]
+    # Per target: model, dimensions, pending, served (by a running worker), stale_model.
+    targets: list[Row] = field(default_factory=list)
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
-    """Counts by table/column/status, depth and throughput, usage, recent failures, and bulk
-    inserts not yet expanded into queue rows."""
+    """Counts by table/column/status, depth and throughput, usage, recent failures, bulk
+    inserts not yet expanded into queue rows, and each target's model binding."""
     async with db.connection() as conn:
         counts = await db.fetch_all(conn, db.statement("status_counts"))
         summary = await db.fetch_one(conn, db.statement("status_summary"))
@@ -37,8 +39,28 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
             conn, db.statement("recent_failures"), {"limit": failures_limit}
         )
         inbox = await db.fetch_all(conn, db.statement("inbox_status"))
+        models = await db.fetch_all(conn, db.statement("target_models"))
     assert summary is not None
-    return StatusReport(counts, summary, usage, failures, inbox)
+    bound = [dict(row, stale_model=await stale_model_count(db, row)) for row in models]
+    return StatusReport(counts, summary, usage, failures, inbox, bound)
+
+
+async def stale_model_count(db: Database, target: Row) -> int | None:
+    """Rows of ``target`` whose model column names another model than the target's; None
+    when that cannot be told (no model column or no model) or not by this role (reading the
+    model column needs more than the worker role's grants)."""
+    if target["model"] is None or target["model_column"] is None:
+        return None
+    try:
+        async with db.connection(autocommit=True) as conn:
+            row = await db.fetch_one(
+                conn,
+                db.statement("stale_model_count"),
+                {"table_name": target["table_name"], "column": target["embedding_column"]},
+            )
+    except StatementFailed:
+        return None
+    return None if row is None or row["stale"] is None else int(row["stale"])
 
 
 async def requeue_failed(

@@ -43,6 +43,10 @@ BEGIN
                    qs, qs, qs, qs, role);
     EXECUTE format('GRANT SELECT, INSERT ON %I.embedding_usage, %I.embedding_cache TO %s',
                    qs, qs, role);
+    -- The worker's own row in the list of running workers (0009): inserted at start,
+    -- refreshed with its leases, deleted on exit. Not security-relevant: it only feeds
+    -- `status` ("waiting for a worker with model X").
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.embedding_workers TO %s', qs, role);
     EXECUTE format('GRANT SELECT ON %I.embedding_queue_summary, %I.embedding_queue_status, '
                    '%I.embedding_usage_summary, %I.embedding_queue_failures, '
                    '%I.embedding_queue_inbox_status TO %s', qs, qs, qs, qs, qs, role);
@@ -50,7 +54,7 @@ BEGIN
                    '%I.embedding_queue_inbox_estimate(), '
                    '%I.embedding_queue_estimate(text, text, text) TO %s', qs, qs, qs, role);
     FOREACH tbl IN ARRAY ARRAY['embedding_queue', 'embedding_targets', 'embedding_usage',
-                               'embedding_cache', 'embedding_queue_inbox',
+                               'embedding_cache', 'embedding_queue_inbox', 'embedding_workers',
                                'queue_processor_migrations', 'queue_processor_functions'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_policy
                         WHERE polrelid = format('%I.%I', qs, tbl)::regclass
