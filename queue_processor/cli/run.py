@@ -46,6 +46,7 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             concurrency=config.concurrency,
             provider=wired.provider.name,
             model=wired.provider.model,
+            models=list(wired.worker.models),
         )
         with unwrapped_errors():
             summary = await _run_worker(wired, mode, owner=config.owner)

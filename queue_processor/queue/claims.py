@@ -52,6 +52,9 @@ class Write:
     target: Target
     key: str
     vector: npt.NDArray[np.float32]
+    # The model that made the vector, for the target's model column (None: the ``model``
+    # passed to ``complete``). Set when one worker embeds with several models.
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Usage:
     items: int
     tokens: int
     requests: int
+    # The model these were spent on (None: the ``model`` passed to ``complete``).
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,7 @@ async def complete(
     failures: Sequence[ItemFailure],
     *,
     model: str | None,
-    usage: Usage | None = None,
+    usage: Usage | Sequence[Usage] | None = None,
 ) -> CompleteResult:
     """Write vectors, mark them done and record permanent failures, in one transaction.
 
@@ -219,19 +224,20 @@ async def complete(
     ]
     if failures:
         steps.append((db.statement("fail_items"), _fail_params(failures, token)))
-    if usage is not None:
-        steps.append(
-            (
-                db.statement("record_usage"),
-                {
-                    "owner": usage.owner,
-                    "model": model,
-                    "items": usage.items,
-                    "tokens": usage.tokens,
-                    "requests": usage.requests,
-                },
-            )
+    usages = [usage] if isinstance(usage, Usage) else list(usage or ())
+    steps += [
+        (
+            db.statement("record_usage"),
+            {
+                "owner": u.owner,
+                "model": u.model or model,
+                "items": u.items,
+                "tokens": u.tokens,
+                "requests": u.requests,
+            },
         )
+        for u in usages
+    ]
     results = await db.transaction_pipelined(steps)
     valid = {QueueId(int(r["id"])) for r in results[first_write - 1]}
     acked = [r for rows in results[first_write : first_write + len(groups)] for r in rows]
@@ -249,7 +255,7 @@ def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) 
         "ids": [w.key for w in group],
         "qids": [w.item.id for w in group],
         "token": token,
-        "model": model,
+        "model": group[0].model or model,
     }
     if group[0].target.column_type == "bytea":
         params["blobs"] = [targets.vector_bytes(w.vector) for w in group]

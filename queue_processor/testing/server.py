@@ -29,8 +29,9 @@ class FakeOpenAIServer:
     consistent copy under a lock). Counters: ``requests_total`` (embedding requests
     received), ``requests_by_status`` (responses by status; ``DROPPED`` = 0 for connections
     dropped by a timeout/reset fault), ``input_counts`` (how often each input text was part
-    of a 200 response), ``inputs_by_model`` (the same, per requested model), ``faults_injected``, ``request_log`` (one dict per embedding request:
-    status, n_inputs, model, authorization (bool, never the key), dimensions,
+    of a 200 response), ``inputs_by_model`` (the same, per requested model),
+    ``faults_injected``, ``request_log`` (one dict per embedding request: status,
+    n_inputs, model, authorization (bool, never the key), dimensions,
     encoding_format, fault), ``in_flight`` / ``max_in_flight`` (concurrent embedding requests),
     ``oversized_bytes_sent`` (body bytes of ``oversized_body_bytes`` answers the client took:
     handed to the kernel, so at most a few MB of socket buffers more than it read).

@@ -23,7 +23,7 @@ No SQL lives here: the repository (``queue``) owns every statement.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 
@@ -66,16 +66,18 @@ class Worker:
         *,
         observers: Sequence[BatchObserver] = (),
         on_claim: Callable[[int, int], None] | None = None,
-        models: Sequence[str] | None = None,
+        providers: Mapping[str, EmbeddingProvider] | None = None,
     ) -> None:
         self._db = db
         self._config = config
         # The models this worker embeds with: it claims only items of targets bound to one
-        # of them (or to none). Default: the provider's model.
-        self.models: tuple[str, ...] = tuple(models) if models else (provider.model,)
+        # of them (or to none, which ``provider`` embeds). ``providers`` are further models,
+        # by name, each with its own provider (several models in one worker).
+        extra = {m: p for m, p in (providers or {}).items() if m != provider.model}
+        self.models: tuple[str, ...] = (provider.model, *extra)
         # What the last run found at its start (None: the registry could not be read).
         self.serving: Serving | None = None
-        self._batches = BatchProcessor(db, provider, config)
+        self._batches = BatchProcessor(db, provider, config, providers=extra)
         self._observers = list(observers)
         self._on_claim = on_claim
         self._stop_requested = False

@@ -99,3 +99,64 @@ def test_register_binds_run_of_another_model_leaves_and_bind_hands_over(
     assert summary_counts(done.stdout)["processed"] == 5
     assert execute(dsn, "SELECT DISTINCT model FROM docs") == [{"model": "other-model"}]
     assert status_targets(env)[0]["stale_model"] == 0
+
+
+def test_one_worker_serves_the_models_of_its_models_file(
+    dsn: str, server: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    """EMBEDDING_MODELS_FILE adds a model with its own server and key (named by variable);
+    the key never reaches the output, the file or the database."""
+    secret = "sk-second-SECRET-7d1e"
+    models_file = tmp_path / "models.toml"
+    with FakeOpenAIServer(dims=DIMS, required_api_key=secret) as second:
+        models_file.write_text(
+            f'[models."second-model"]\nbase_url = "{second.base_url}"\n'
+            'api_key_env = "SECOND_KEY"\n',
+            encoding="utf-8",
+        )
+        env = cli_env(dsn, server, EMBEDDING_MODELS_FILE=str(models_file), SECOND_KEY=secret)
+        for table, model in (("docs", MODEL), ("notes", "second-model")):
+            create_table(dsn, table=table)
+            insert_rows(dsn, ((i, body(i)) for i in range(1, 4)), table=table)
+            ok(
+                run_cli(
+                    [
+                        "register",
+                        table,
+                        "--column",
+                        "embedding",
+                        "--content",
+                        "body",
+                        "--model",
+                        model,
+                        "--model-column",
+                        "model",
+                        "--backfill",
+                    ],
+                    env,
+                )
+            )
+        done = ok(run_cli(["run", "--drain"], env))
+        assert secret not in done.stdout + done.stderr
+        assert summary_counts(done.stdout)["processed"] == 6
+        assert set(second.inputs_by_model) == {"second-model"}
+    assert set(server.inputs_by_model) == {MODEL}
+    assert execute(dsn, "SELECT DISTINCT model FROM notes") == [{"model": "second-model"}]
+    assert execute(dsn, "SELECT DISTINCT model FROM docs") == [{"model": MODEL}]
+    dump = execute(dsn, "SELECT string_agg(t::text, ' ') AS s FROM embedding_targets AS t")
+    assert secret not in dump[0]["s"]
+
+
+def test_a_models_file_with_a_key_in_it_is_refused(
+    dsn: str, server: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    models_file = tmp_path / "models.toml"
+    models_file.write_text(
+        '[models."m"]\nbase_url = "http://127.0.0.1:1/v1"\napi_key = "sk-in-file"\n',
+        encoding="utf-8",
+    )
+    env = cli_env(dsn, server, EMBEDDING_MODELS_FILE=str(models_file))
+    done = run_cli(["run", "--drain"], env)
+    assert done.returncode == 2, done.stderr
+    assert "name the environment variable" in done.stderr
+    assert "sk-in-file" not in done.stdout + done.stderr

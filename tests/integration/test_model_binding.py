@@ -382,3 +382,37 @@ async def test_an_unprivileged_role_cannot_bind_or_list_workers(dsn: str) -> Non
                 conn.execute(f"SET ROLE {role}")
     finally:
         execute(dsn, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def test_one_worker_with_several_models_routes_each_target_to_its_provider(
+    dsn: str, db: Database, server: FakeOpenAIServer
+) -> None:
+    """Model A through one server, model B through another (with its own key), and an
+    unbound target through the default provider (model A): one worker, one drain; every
+    vector written with its model's name, usage recorded per model."""
+    bound_table(dsn, "docs_a", MODEL_A, 30)
+    bound_table(dsn, "docs_b", MODEL_B, 20, first=101)
+    bound_table(dsn, "docs_any", None, 5, first=201)
+    with FakeOpenAIServer(dims=DIMS, required_api_key="sk-b-only") as server_b:
+        async with (
+            make_provider(server, model=MODEL_A) as provider_a,
+            make_provider(server_b, model=MODEL_B, api_key="sk-b-only") as provider_b,
+        ):
+            worker = Worker(
+                db, provider_a, worker_config(batch_size=13), providers={MODEL_B: provider_b}
+            )
+            assert worker.models == (MODEL_A, MODEL_B)
+            with anyio.fail_after(60):
+                summary = await worker.run("drain")
+        assert set(server_b.inputs_by_model) == {MODEL_B}
+        assert set(server_b.inputs_by_model[MODEL_B]) == {body(i) for i in range(101, 121)}
+    assert (summary.processed, summary.failed) == (55, 0)
+    assert set(server.inputs_by_model) == {MODEL_A}
+    assert set(server.inputs_by_model[MODEL_A]) == {
+        body(i) for i in (*range(1, 31), *range(201, 206))
+    }
+    assert models_written(dsn, "docs_a") == {MODEL_A: 30}
+    assert models_written(dsn, "docs_b") == {MODEL_B: 20}
+    assert models_written(dsn, "docs_any") == {MODEL_A: 5}
+    usage = execute(dsn, "SELECT model, sum(items) AS n FROM embedding_usage GROUP BY model")
+    assert {r["model"]: int(r["n"]) for r in usage} == {MODEL_A: 35, MODEL_B: 20}
