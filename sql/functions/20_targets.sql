@@ -213,7 +213,7 @@ BEGIN
         WHEN 'stale_model' THEN @qs@.embedding_target_stale_model_filter(t)
     END;
     IF filter IS NULL THEN
-        RAISE EXCEPTION 'backfill mode must be missing, all, ids or stale_model, not %',
+        RAISE EXCEPTION 'backfill mode must be missing, all or ids (or stale_model), not %',
               quote_literal(p_mode) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     EXECUTE format(
