@@ -596,3 +596,58 @@ SELECT {qs}.embedding_target_stale_model_count(%(table_name)s::text, %(column)s:
 -- Bind a target to a model (sql/functions/20_targets.sql); returns the previous model.
 SELECT {qs}.embedding_bind_target(%(table_name)s::text, %(column)s::text, %(model)s::text,
                                    %(dimensions)s::integer) AS previous;
+
+-- name: reembed_start
+-- Start re-embedding a target with another model: shadow column, its target, the record
+-- (sql/functions/50_reembed.sql). Returns the shadow column's name.
+SELECT {qs}.embedding_reembed_start(%(table_name)s::text, %(column)s::text, %(model)s::text,
+                                     %(dimensions)s::integer) AS shadow;
+
+-- name: reembed_progress
+-- A re-embedding's state and progress: rows with a new vector out of rows with content,
+-- estimated tokens of the rest, items queued for it (one scan of the source table).
+SELECT state, new_model, shadow_column, done, total, remaining_tokens, queued
+  FROM {qs}.embedding_reembed_progress(%(table_name)s::text, %(column)s::text);
+
+-- name: reembeds
+-- Every re-embedding in progress.
+SELECT table_name, embedding_column, old_model, new_model, new_dimensions, state, started_at,
+       switched_at
+  FROM {qs}.embedding_reembeds
+ ORDER BY table_name, embedding_column;
+
+-- name: lock_timeout
+-- Give up waiting for a lock after %(ms)s milliseconds, for the rest of this transaction
+-- (the switch: while it waits for the table's lock, every query of the table queues behind
+-- it, so it must not wait long; the caller retries).
+SELECT pg_catalog.set_config('lock_timeout', %(ms)s::text, true);
+
+-- name: reembed_switch
+-- Swap the shadow column in (refused until it is complete). Returns the rows switched.
+SELECT {qs}.embedding_reembed_switch(%(table_name)s::text, %(column)s::text) AS rows;
+
+-- name: reembed_rollback
+-- Swap the old column back.
+SELECT {qs}.embedding_reembed_rollback(%(table_name)s::text, %(column)s::text);
+
+-- name: reembed_finish
+-- Drop the column not in use; returns its name.
+SELECT {qs}.embedding_reembed_finish(%(table_name)s::text, %(column)s::text) AS dropped;
+
+-- name: hnsw_opclass
+-- The operator class of an HNSW index on this column, if it has one (the shadow gets the same
+-- kind of index before it is switched in).
+SELECT opc.opcname AS opclass
+  FROM pg_index AS i
+  JOIN pg_class AS ic ON ic.oid = i.indexrelid
+  JOIN pg_am AS am ON am.oid = ic.relam AND am.amname = 'hnsw'
+  JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+  JOIN pg_opclass AS opc ON opc.oid = i.indclass[0]
+ WHERE i.indrelid = (quote_ident(%(schema)s::text) || '.' || quote_ident(%(table)s::text))::regclass
+   AND a.attname = %(column)s::text
+ LIMIT 1;
+
+-- name: create_hnsw_index_concurrently
+-- As create_hnsw_index, without blocking writes (outside a transaction).
+CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
+  WITH (m = 16, ef_construction = 64);

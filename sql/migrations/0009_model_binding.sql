@@ -30,3 +30,23 @@ CREATE TABLE embedding_workers (
 -- As every table of ours (0006): no policy, so only the owner and granted worker roles
 -- (grant-worker adds their policy) see a row.
 ALTER TABLE embedding_workers ENABLE ROW LEVEL SECURITY;
+
+-- Re-embeddings in progress (`queue-processor reembed`): target (table_name, embedding_column)
+-- is being re-embedded with new_model into its shadow column (<column>__next), which is a
+-- registered target of its own while state = 'backfilling'. After the switch (state =
+-- 'switched') the column holds the new vectors and <column>__old, still a registered target
+-- of old_model, is the fallback `reembed --rollback` swaps back; `reembed --finish` drops it
+-- and this row.
+CREATE TABLE embedding_reembeds (
+    table_name       text NOT NULL,
+    embedding_column text NOT NULL,
+    old_model        text,
+    new_model        text NOT NULL,
+    new_dimensions   integer,
+    state            text NOT NULL DEFAULT 'backfilling'
+        CHECK (state IN ('backfilling', 'switched')),
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    switched_at      timestamptz,
+    PRIMARY KEY (table_name, embedding_column)
+);
+ALTER TABLE embedding_reembeds ENABLE ROW LEVEL SECURITY;
