@@ -93,7 +93,26 @@ def status_json(report: StatusReport, price_override: float | None) -> dict[str,
         "recent_failures": report.failures,
         "inbox": report.inbox,
         "targets": [dict(t, waiting=target_waiting(t)) for t in report.targets],
+        "reembeds": report.reembeds,
     }
+
+
+def _reembed_line(r: Mapping[str, Any]) -> Text:
+    """One re-embedding in progress for the human view."""
+    where = f"{r['table_name']}.{r['embedding_column']}"
+    if r["state"] == "switched":
+        return plain(
+            f"re-embedding {where}: switched to {r['new_model']}; old vectors kept in "
+            f"{r['embedding_column']}__old (reembed --finish drops them, --rollback restores)"
+        )
+    if "done" not in r:
+        return plain(f"re-embedding {where} with {r['new_model']} (progress needs the owner)")
+    total = int(r["total"])
+    percent = 100.0 * int(r["done"]) / total if total else 100.0
+    return plain(
+        f"re-embedding {where} with {r['new_model']}: {r['done']}/{total} rows "
+        f"({percent:.1f}%), {r['queued']} queued, ~{r['remaining_tokens']} tokens left"
+    )
 
 
 def target_waiting(target: Mapping[str, Any]) -> str | None:
@@ -160,6 +179,7 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
         ),
     ]
     lines += [_target_line(t) for t in report.targets]
+    lines += [_reembed_line(r) for r in report.reembeds]
     for row in report.inbox:
         lines.append(
             plain(

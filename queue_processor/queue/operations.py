@@ -26,6 +26,8 @@ class StatusReport:
     inbox: list[Row]
     # Per target: model, dimensions, pending, served (by a running worker), stale_model.
     targets: list[Row] = field(default_factory=list)
+    # Re-embeddings in progress, with their progress (reembed.progress's fields).
+    reembeds: list[Row] = field(default_factory=list)
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
@@ -40,9 +42,27 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
         )
         inbox = await db.fetch_all(conn, db.statement("inbox_status"))
         models = await db.fetch_all(conn, db.statement("target_models"))
+        reembeds = await db.fetch_all(conn, db.statement("reembeds"))
     assert summary is not None
     bound = [dict(row, stale_model=await stale_model_count(db, row)) for row in models]
-    return StatusReport(counts, summary, usage, failures, inbox, bound)
+    progress = [dict(row, **await reembed_progress(db, row)) for row in reembeds]
+    return StatusReport(counts, summary, usage, failures, inbox, bound, progress)
+
+
+async def reembed_progress(db: Database, reembed: Row) -> Row:
+    """Rows done, total and queued of a re-embedding; empty when this role may not read
+    the source table's columns (the worker role)."""
+    try:
+        async with db.connection(autocommit=True) as conn:
+            row = await db.fetch_one(
+                conn,
+                db.statement("reembed_progress"),
+                {"table_name": reembed["table_name"], "column": reembed["embedding_column"]},
+            )
+    except StatementFailed:
+        return {}
+    assert row is not None
+    return {k: row[k] for k in ("done", "total", "queued", "remaining_tokens")}
 
 
 async def stale_model_count(db: Database, target: Row) -> int | None:
