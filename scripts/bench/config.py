@@ -16,7 +16,17 @@ DEFAULTS = Settings.model_construct()
 # Inbox keys per expansion: what a worker with the default batch size expands before a claim.
 EXPAND_SLICE = max(queue.EXPAND_MIN, queue.EXPAND_FACTOR * DEFAULTS.batch_size)
 
-SECTIONS = ("floor", "pipeline", "latency", "local", "trigger", "claim", "memory", "cache")
+SECTIONS = (
+    "floor",
+    "pipeline",
+    "latency",
+    "local",
+    "trigger",
+    "claim",
+    "memory",
+    "cache",
+    "reembed",
+)
 MODEL = "text-embedding-3-small"
 DIMS = 768
 LOCAL_DIMS = 384

@@ -72,6 +72,12 @@ BEGIN
     IF p_model IS NULL OR p_model = '' THEN
         RAISE EXCEPTION 'reembed needs a model' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- An unbound target is served by every worker, the new model's included, which would
+    -- write new vectors into the old column meanwhile: bind it to its current model first.
+    IF t.model IS NULL THEN
+        RAISE EXCEPTION 'target %.% is bound to no model: bind it to the model its vectors are from first (queue-processor bind)',
+              t.table_name, quote_ident(t.embedding_column) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- The shadow column's type: the column's own, with the new dimensions for vector types.
     SELECT CASE WHEN t.column_type IN ('vector', 'halfvec')
                 THEN format('%s(%s)', format_type(a.atttypid, NULL),
