@@ -215,6 +215,12 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     async with open_database(settings, max_size=1) as db, build_provider(settings) as provider:
         await check_schema(db)
         target = await find_target(db, args.table, args.column)
+        if target.model is not None and target.model != provider.model:
+            # A query vector of another model than the column's finds nonsense.
+            raise UsageError(
+                f"{target.table_name}.{target.embedding_column} holds vectors of model "
+                f"{target.model}; search with EMBEDDING_MODEL={target.model}"
+            )
         result = await provider.embed([args.text])
         vector = result.vectors[0]
         if vector is None:

@@ -92,6 +92,10 @@ def test_register_binds_run_of_another_model_leaves_and_bind_hands_over(
     # Rebind to the other model: the five vectors are now stale, found and re-queued.
     done = ok(run_cli(["bind", "docs", "--model", "other-model"], env))
     assert f"bound docs.embedding to model other-model (was {MODEL})" in done.stdout
+    # A search must embed its query with the column's model.
+    refused = run_cli(["search", "docs", "anything"], env)
+    assert refused.returncode == 2
+    assert "search with EMBEDDING_MODEL=other-model" in refused.stderr
     assert status_targets(env)[0]["stale_model"] == 5
     done = ok(run_cli(["enqueue", "docs", "--stale-model"], env))
     assert "queued 5 row(s) of docs.embedding (stale_model)" in done.stdout
