@@ -623,12 +623,14 @@ SELECT table_name, embedding_column, old_model, new_model, new_dimensions, state
 SELECT pg_catalog.set_config('lock_timeout', %(ms)s::text, true);
 
 -- name: reembed_switch
--- Swap the shadow column in (refused until it is complete). Returns the rows switched.
-SELECT {qs}.embedding_reembed_switch(%(table_name)s::text, %(column)s::text) AS rows;
+-- Swap the shadow column in (refused until it is complete): the rows switched and how long
+-- the swap (the part under the table's lock) took.
+SELECT rows, swap_ms FROM {qs}.embedding_reembed_switch(%(table_name)s::text, %(column)s::text);
 
 -- name: reembed_rollback
--- Swap the old column back.
-SELECT {qs}.embedding_reembed_rollback(%(table_name)s::text, %(column)s::text);
+-- Swap the old column back; how long the swap took.
+SELECT 0::bigint AS rows, swap_ms
+  FROM {qs}.embedding_reembed_rollback(%(table_name)s::text, %(column)s::text);
 
 -- name: reembed_finish
 -- Drop the column not in use; returns its name.

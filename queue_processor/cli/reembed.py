@@ -46,16 +46,17 @@ async def cmd_reembed(args: argparse.Namespace, settings: Settings) -> int:
                 index = await reembed.build_shadow_index(db, target, incoming)
                 if index:
                     out(f"index {index} built on {done.shadow_column}")
-            rows, seconds = await reembed.switch(db, label, column)
+            swap = await reembed.switch(db, label, column)
             out(
-                f"switched {label}.{column} to {done.new_model}: {rows} row(s) "
-                f"(one transaction, {seconds * 1000:.1f} ms); the old vectors are in "
-                f"{column}__old until --finish (--rollback swaps them back)"
+                f"switched {label}.{column} to {done.new_model}: {swap.rows} row(s) in one "
+                f"transaction ({swap.transaction_ms:.1f} ms; the swap under the table's lock "
+                f"{swap.swap_ms:.1f} ms); the old vectors are in {column}__old until --finish "
+                "(--rollback swaps them back)"
             )
             return EXIT_OK
         elif args.rollback:
-            seconds = await reembed.rollback(db, label, column)
-            out(f"rolled {label}.{column} back ({seconds * 1000:.1f} ms)")
+            swap = await reembed.rollback(db, label, column)
+            out(f"rolled {label}.{column} back (the swap took {swap.swap_ms:.1f} ms)")
             return EXIT_OK
         elif args.finish:
             dropped = await reembed.finish(db, label, column)

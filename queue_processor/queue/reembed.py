@@ -126,19 +126,31 @@ async def build_shadow_index(db: Database, current: Target, shadow: Target) -> s
     return name
 
 
-async def switch(db: Database, table_name: str, column: str) -> tuple[int, float]:
-    """Swap the new vectors in, in one transaction; return (rows, seconds the transaction
-    took, its lock included). Waits for the table's lock at most SWITCH_LOCK_TIMEOUT_MS at a
-    time (so queries never queue long behind it) and retries."""
+@dataclass(frozen=True)
+class Swap:
+    """What a switch or rollback took."""
+
+    rows: int
+    swap_ms: float
+    """The swap under the table's lock, measured in the server."""
+    transaction_ms: float
+    """The whole transaction seen from here (the switch's completeness check included,
+    which reads the table without blocking anyone)."""
+
+
+async def switch(db: Database, table_name: str, column: str) -> Swap:
+    """Swap the new vectors in, in one transaction. Waits for the table's lock at most
+    SWITCH_LOCK_TIMEOUT_MS at a time (queries queue behind a waiting lock request) and
+    retries."""
     return await _swap(db, "reembed_switch", table_name, column)
 
 
-async def rollback(db: Database, table_name: str, column: str) -> float:
-    """Swap the old vectors back; return the seconds the transaction took."""
-    return (await _swap(db, "reembed_rollback", table_name, column))[1]
+async def rollback(db: Database, table_name: str, column: str) -> Swap:
+    """Swap the old vectors back."""
+    return await _swap(db, "reembed_rollback", table_name, column)
 
 
-async def _swap(db: Database, name: str, table_name: str, column: str) -> tuple[int, float]:
+async def _swap(db: Database, name: str, table_name: str, column: str) -> Swap:
     for attempt in range(1, SWITCH_ATTEMPTS + 1):
         started = time.monotonic()
         try:
@@ -155,9 +167,12 @@ async def _swap(db: Database, name: str, table_name: str, column: str) -> tuple[
             log.warning("reembed_lock_busy", attempt=attempt, error=str(exc), note="retrying")
             await anyio.sleep(min(2.0, 0.1 * attempt))
             continue
-        seconds = time.monotonic() - started
-        rows = results[1][0].get("rows") if results[1] else None
-        return int(rows or 0), seconds
+        row = results[1][0]
+        return Swap(
+            rows=int(row["rows"]),
+            swap_ms=float(row["swap_ms"]),
+            transaction_ms=1000 * (time.monotonic() - started),
+        )
     raise AssertionError("unreachable")
 
 

@@ -47,6 +47,8 @@ BEGIN
     -- refreshed with its leases, deleted on exit. Not security-relevant: it only feeds
     -- `status` ("waiting for a worker with model X").
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.embedding_workers TO %s', qs, role);
+    -- Re-embeddings in progress, for `status` run as the worker role.
+    EXECUTE format('GRANT SELECT ON %I.embedding_reembeds TO %s', qs, role);
     EXECUTE format('GRANT SELECT ON %I.embedding_queue_summary, %I.embedding_queue_status, '
                    '%I.embedding_usage_summary, %I.embedding_queue_failures, '
                    '%I.embedding_queue_inbox_status TO %s', qs, qs, qs, qs, qs, role);
@@ -55,6 +57,7 @@ BEGIN
                    '%I.embedding_queue_estimate(text, text, text) TO %s', qs, qs, qs, role);
     FOREACH tbl IN ARRAY ARRAY['embedding_queue', 'embedding_targets', 'embedding_usage',
                                'embedding_cache', 'embedding_queue_inbox', 'embedding_workers',
+                               'embedding_reembeds',
                                'queue_processor_migrations', 'queue_processor_functions'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_policy
                         WHERE polrelid = format('%I.%I', qs, tbl)::regclass

@@ -252,13 +252,16 @@ $$;
 
 -- Switch to the new vectors: refused until the shadow is complete (no row with content
 -- lacks its vector, nothing of it queued), then one swap. Returns the rows switched.
-CREATE OR REPLACE FUNCTION @qs@.embedding_reembed_switch(p_table_name text, p_embedding_column text)
-RETURNS bigint
+-- swap_ms: how long the swap itself took (from its first lock to its end: what queries of
+-- the table may wait; the completeness check before it blocks nobody).
+CREATE OR REPLACE FUNCTION @qs@.embedding_reembed_switch(
+    p_table_name text, p_embedding_column text, OUT rows bigint, OUT swap_ms double precision)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r @qs@.embedding_reembeds := @qs@.embedding_reembed_get(p_table_name, p_embedding_column);
     p record;
+    started timestamptz;
 BEGIN
     IF r.state <> 'backfilling' THEN
         RAISE EXCEPTION '%.% is switched already (rollback or finish)', r.table_name,
@@ -270,21 +273,24 @@ BEGIN
               r.table_name, quote_ident(r.embedding_column), p.done, p.total, p.queued
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    started := clock_timestamp();
     PERFORM @qs@.embedding_reembed_swap(r.table_name, r.embedding_column, '__next', '__old');
     UPDATE @qs@.embedding_reembeds SET state = 'switched', switched_at = now()
      WHERE table_name = r.table_name AND embedding_column = r.embedding_column;
-    RETURN p.done;
+    rows := p.done;
+    swap_ms := 1000 * extract(epoch FROM clock_timestamp() - started);
 END;
 $$;
 
 -- Swap the old vectors back (they were kept current); the new ones return to the shadow
 -- column, so a later switch needs no new backfill.
-CREATE OR REPLACE FUNCTION @qs@.embedding_reembed_rollback(p_table_name text, p_embedding_column text)
-RETURNS void
+CREATE OR REPLACE FUNCTION @qs@.embedding_reembed_rollback(
+    p_table_name text, p_embedding_column text, OUT swap_ms double precision)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r @qs@.embedding_reembeds := @qs@.embedding_reembed_get(p_table_name, p_embedding_column);
+    started timestamptz := clock_timestamp();
 BEGIN
     IF r.state <> 'switched' THEN
         RAISE EXCEPTION '%.% is not switched (nothing to roll back)', r.table_name,
@@ -293,6 +299,7 @@ BEGIN
     PERFORM @qs@.embedding_reembed_swap(r.table_name, r.embedding_column, '__old', '__next');
     UPDATE @qs@.embedding_reembeds SET state = 'backfilling', switched_at = NULL
      WHERE table_name = r.table_name AND embedding_column = r.embedding_column;
+    swap_ms := 1000 * extract(epoch FROM clock_timestamp() - started);
 END;
 $$;
 

@@ -153,8 +153,8 @@ async def test_reembed_switch_rollback_finish_under_writes_and_searches(
         assert p.complete, p
         assert searcher.dims_seen == {DIMS}
 
-        rows, switch_s = await reembed.switch(db, "docs", "embedding")
-        assert rows == p.total
+        swap = await reembed.switch(db, "docs", "embedding")
+        assert swap.rows == p.total
         await anyio.sleep(0.05)
         assert NEW_DIMS in searcher.dims_seen
         # After the switch: every row holds the new model's vector of its current content.
@@ -167,7 +167,7 @@ async def test_reembed_switch_rollback_finish_under_writes_and_searches(
         assert_column_holds(dsn, "embedding", NEW, NEW_DIMS)
         assert_column_holds(dsn, "embedding__old", OLD, DIMS)
 
-        rollback_s = await reembed.rollback(db, "docs", "embedding")
+        rolled = await reembed.rollback(db, "docs", "embedding")
         assert_column_holds(dsn, "embedding", OLD, DIMS)
         assert_column_holds(dsn, "embedding__next", NEW, NEW_DIMS)
         await reembed.switch(db, "docs", "embedding")
@@ -191,6 +191,5 @@ async def test_reembed_switch_rollback_finish_under_writes_and_searches(
     # CLI; here none was, so the old column's went with it).
     print(
         f"reembed: {total} rows, {searcher.queries} searches, longest search "
-        f"{searcher.longest_s * 1000:.1f} ms, switch {switch_s * 1000:.1f} ms, "
-        f"rollback {rollback_s * 1000:.1f} ms"
+        f"{searcher.longest_s * 1000:.1f} ms, swaps {swap.swap_ms:.1f} / {rolled.swap_ms:.1f} ms"
     )
