@@ -123,14 +123,14 @@ def target_waiting(target: Mapping[str, Any]) -> str | None:
     return f"waiting for a worker with model {target['model']}"
 
 
-def _target_line(target: Mapping[str, Any]) -> Text:
-    """One target's binding for the human view: model, what waits, stale vectors."""
+def _target_line(target: Mapping[str, Any]) -> Text | None:
+    """One target's binding for the human view, when there is something to act on: items
+    waiting for a worker with its model, or rows holding another model's vector (the JSON
+    lists every target)."""
+    if not target_waiting(target) and not target.get("stale_model"):
+        return None
     dims = "" if target["dimensions"] is None else f", {target['dimensions']} dims"
-    model = (
-        "unbound (any worker serves it; `bind` it)"
-        if target["model"] is None
-        else f"model {target['model']}{dims}"
-    )
+    model = f"model {target['model']}{dims}"
     parts = [f"{target['table_name']}.{target['embedding_column']}: {model}"]
     waiting = target_waiting(target)
     if waiting:
@@ -178,7 +178,7 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
             f"{s['done_last_15m']}"
         ),
     ]
-    lines += [_target_line(t) for t in report.targets]
+    lines += [line for line in map(_target_line, report.targets) if line is not None]
     lines += [_reembed_line(r) for r in report.reembeds]
     for row in report.inbox:
         lines.append(
