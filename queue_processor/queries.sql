@@ -130,7 +130,7 @@ SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_t
 -- name: claim_batch
 -- Claim up to %(limit)s claimable items for one worker and commit at once (no HTTP inside).
 -- Two kinds of row are claimable: pending rows that are due (read in next_attempt_at order
--- through the partial index embedding_queue_pending_idx, so done rows cost nothing), and
+-- through the partial index embedding_queue_pending_target_idx, so done rows cost nothing), and
 -- processing rows whose lease expired because their worker died or stalled (through
 -- embedding_queue_lease_idx). FOR UPDATE SKIP LOCKED lets many workers claim concurrently
 -- without waiting on or double-claiming each other's rows. Each CTE locks at most %(limit)s
@@ -141,20 +141,60 @@ SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_t
 -- text decides its size): each content is cut to %(max_content_chars)s characters, and a
 -- claim takes rows only while their (cut) sizes add up to %(max_claim_bytes)s bytes, the
 -- first row always. octet_length reads a TOASTed value's stored length, not the value.
-WITH due AS (
-    SELECT id, false AS reclaimed, octet_length(content) AS bytes
-      FROM {qs}.embedding_queue
-     WHERE status = 'pending' AND next_attempt_at <= now()
-     ORDER BY next_attempt_at, id
+-- Only items of targets this worker serves are claimed: %(models)s lists the models it
+-- embeds with (NULL: serve every target, for callers that bind nothing), and a target is
+-- served when its registry model is one of them or it has none (unbound, or not registered
+-- at all: the worker fails such items with "unregistered target"). The filter reads
+-- embedding_queue_pending_target_idx (0009): `targets` lists the targets with pending rows by
+-- a loose index scan (one descent per target, however many rows each has), `due` takes each
+-- served target's oldest due rows through the same index. So the backlog of a target whose
+-- model no running worker serves is never read, let alone locked, and stays pending.
+WITH RECURSIVE targets AS (
+    (SELECT table_name, embedding_column FROM {qs}.embedding_queue
+      WHERE status = 'pending'
+      ORDER BY table_name, embedding_column
+      LIMIT 1)
+    UNION ALL
+    SELECT n.table_name, n.embedding_column
+      FROM targets AS p
+     CROSS JOIN LATERAL (
+        SELECT q.table_name, q.embedding_column FROM {qs}.embedding_queue AS q
+         WHERE q.status = 'pending'
+           AND (q.table_name, q.embedding_column) > (p.table_name, p.embedding_column)
+         ORDER BY q.table_name, q.embedding_column
+         LIMIT 1) AS n
+), served AS (
+    SELECT g.table_name, g.embedding_column
+      FROM targets AS g
+      LEFT JOIN {qs}.embedding_targets AS t
+        ON t.table_name = g.table_name AND t.embedding_column = g.embedding_column
+     WHERE %(models)s::text[] IS NULL OR t.model IS NULL OR t.model = ANY(%(models)s::text[])
+), due AS (
+    -- Each served target's oldest due rows, then the oldest of those overall; rows locked
+    -- here but not picked are released when this statement commits.
+    SELECT d.id, false AS reclaimed, d.bytes
+      FROM served AS s
+     CROSS JOIN LATERAL (
+        SELECT q.id, q.next_attempt_at, octet_length(q.content) AS bytes
+          FROM {qs}.embedding_queue AS q
+         WHERE q.status = 'pending' AND q.table_name = s.table_name
+           AND q.embedding_column = s.embedding_column AND q.next_attempt_at <= now()
+         ORDER BY q.next_attempt_at, q.id
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED) AS d
+     ORDER BY d.next_attempt_at, d.id
      LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
 ), expired AS (
-    SELECT id, true AS reclaimed, octet_length(content) AS bytes
-      FROM {qs}.embedding_queue
-     WHERE status = 'processing' AND lease_expires_at < now()
-     ORDER BY lease_expires_at
+    SELECT q.id, true AS reclaimed, octet_length(q.content) AS bytes
+      FROM {qs}.embedding_queue AS q
+     WHERE q.status = 'processing' AND q.lease_expires_at < now()
+       AND (%(models)s::text[] IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {qs}.embedding_targets AS t
+             WHERE t.table_name = q.table_name AND t.embedding_column = q.embedding_column
+               AND t.model <> ALL(%(models)s::text[])))
+     ORDER BY q.lease_expires_at
      LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
+       FOR UPDATE OF q SKIP LOCKED
 ), candidates AS (
     SELECT c.id, c.reclaimed,
            sum(least(coalesce(c.bytes, 0), 4 * %(max_content_chars)s::bigint))
@@ -696,3 +736,98 @@ SELECT EXISTS (
                          || quote_ident(%(table)s::text))::regclass
        AND a.attname = %(column)s::text AND i.indisvalid
        AND am.amname IN ('hnsw', 'ivfflat')) AS usable;
+
+-- name: worker_seen
+-- Record this worker as running with the models it serves, until %(ttl_seconds)s from now
+-- (0009: embedding_workers; refreshed with its lease renewals, so `status` can tell which
+-- models some running worker serves).
+INSERT INTO {qs}.embedding_workers AS w (owner, models, expires_at)
+VALUES (%(owner)s::text, %(models)s::text[],
+        pg_catalog.now() + pg_catalog.make_interval(secs => %(ttl_seconds)s::float8))
+ON CONFLICT (owner) DO UPDATE
+   SET models = EXCLUDED.models, seen_at = pg_catalog.now(), expires_at = EXCLUDED.expires_at;
+
+-- name: worker_gone
+-- Remove this worker from the running workers (it stopped).
+DELETE FROM {qs}.embedding_workers WHERE owner = %(owner)s::text;
+
+-- name: target_models
+-- Per target: its model and dimensions, its pending items (through
+-- embedding_queue_pending_target_idx), and whether a running worker serves it (unbound
+-- targets are served by any).
+SELECT t.table_name, t.embedding_column, t.model, t.dimensions, t.model_column,
+       (SELECT count(*) FROM {qs}.embedding_queue AS q
+         WHERE q.status = 'pending' AND q.table_name = t.table_name
+           AND q.embedding_column = t.embedding_column) AS pending,
+       EXISTS (SELECT 1 FROM {qs}.embedding_workers AS w
+                WHERE w.expires_at > pg_catalog.now()
+                  AND (t.model IS NULL OR t.model = ANY(w.models))) AS served
+  FROM {qs}.embedding_targets AS t
+ ORDER BY t.table_name, t.embedding_column;
+
+-- name: stale_model_count
+-- Rows of a target holding another model's vector (one scan of the source table; NULL when
+-- the target has no model column or no model). Needs SELECT on the model column: the owner.
+SELECT {qs}.embedding_target_stale_model_count(%(table_name)s::text, %(column)s::text) AS stale;
+
+-- name: bind_target
+-- Bind a target to a model (sql/functions/20_targets.sql); returns the previous model.
+SELECT {qs}.embedding_bind_target(%(table_name)s::text, %(column)s::text, %(model)s::text,
+                                   %(dimensions)s::integer) AS previous;
+
+-- name: reembed_start
+-- Start re-embedding a target with another model: shadow column, its target, the record
+-- (sql/functions/50_reembed.sql). Returns the shadow column's name.
+SELECT {qs}.embedding_reembed_start(%(table_name)s::text, %(column)s::text, %(model)s::text,
+                                     %(dimensions)s::integer) AS shadow;
+
+-- name: reembed_progress
+-- A re-embedding's state and progress: rows with a new vector out of rows with content,
+-- estimated tokens of the rest, items queued for it (one scan of the source table).
+SELECT state, new_model, shadow_column, done, total, remaining_tokens, queued
+  FROM {qs}.embedding_reembed_progress(%(table_name)s::text, %(column)s::text);
+
+-- name: reembeds
+-- Every re-embedding in progress.
+SELECT table_name, embedding_column, old_model, new_model, new_dimensions, state, started_at,
+       switched_at
+  FROM {qs}.embedding_reembeds
+ ORDER BY table_name, embedding_column;
+
+-- name: lock_timeout
+-- Give up waiting for a lock after %(ms)s milliseconds, for the rest of this transaction
+-- (the switch: while it waits for the table's lock, every query of the table queues behind
+-- it, so it must not wait long; the caller retries).
+SELECT pg_catalog.set_config('lock_timeout', %(ms)s::text, true);
+
+-- name: reembed_switch
+-- Swap the shadow column in (refused until it is complete): the rows switched and how long
+-- the swap (the part under the table's lock) took.
+SELECT rows, swap_ms FROM {qs}.embedding_reembed_switch(%(table_name)s::text, %(column)s::text);
+
+-- name: reembed_rollback
+-- Swap the old column back; how long the swap took.
+SELECT 0::bigint AS rows, swap_ms
+  FROM {qs}.embedding_reembed_rollback(%(table_name)s::text, %(column)s::text);
+
+-- name: reembed_finish
+-- Drop the column not in use; returns its name.
+SELECT {qs}.embedding_reembed_finish(%(table_name)s::text, %(column)s::text) AS dropped;
+
+-- name: hnsw_opclass
+-- The operator class of an HNSW index on this column, if it has one (the shadow gets the same
+-- kind of index before it is switched in).
+SELECT opc.opcname AS opclass
+  FROM pg_index AS i
+  JOIN pg_class AS ic ON ic.oid = i.indexrelid
+  JOIN pg_am AS am ON am.oid = ic.relam AND am.amname = 'hnsw'
+  JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+  JOIN pg_opclass AS opc ON opc.oid = i.indclass[0]
+ WHERE i.indrelid = (quote_ident(%(schema)s::text) || '.' || quote_ident(%(table)s::text))::regclass
+   AND a.attname = %(column)s::text
+ LIMIT 1;
+
+-- name: create_hnsw_index_concurrently
+-- As create_hnsw_index, without blocking writes (outside a transaction).
+CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
+  WITH (m = 16, ef_construction = 64);

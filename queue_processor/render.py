@@ -94,7 +94,55 @@ def status_json(report: StatusReport, price_override: float | None) -> dict[str,
         "inbox": report.inbox,
         "indexes": report.indexes,
         "truncated": report.truncated,
+        "targets": [dict(t, waiting=target_waiting(t)) for t in report.targets],
+        "reembeds": report.reembeds,
     }
+
+
+def _reembed_line(r: Mapping[str, Any]) -> Text:
+    """One re-embedding in progress for the human view."""
+    where = f"{r['table_name']}.{r['embedding_column']}"
+    if r["state"] == "switched":
+        return plain(
+            f"re-embedding {where}: switched to {r['new_model']}; old vectors kept in "
+            f"{r['embedding_column']}__old (reembed --finish drops them, --rollback restores)"
+        )
+    if "done" not in r:
+        return plain(f"re-embedding {where} with {r['new_model']} (progress needs the owner)")
+    total = int(r["total"])
+    percent = 100.0 * int(r["done"]) / total if total else 100.0
+    return plain(
+        f"re-embedding {where} with {r['new_model']}: {r['done']}/{total} rows "
+        f"({percent:.1f}%), {r['queued']} queued, ~{r['remaining_tokens']} tokens left"
+    )
+
+
+def target_waiting(target: Mapping[str, Any]) -> str | None:
+    """Why a target's pending items are not being embedded, or None: no running worker
+    serves its model."""
+    if target["model"] is None or target["served"] or not target["pending"]:
+        return None
+    return f"waiting for a worker with model {target['model']}"
+
+
+def _target_line(target: Mapping[str, Any]) -> Text | None:
+    """One target's binding for the human view, when there is something to act on: items
+    waiting for a worker with its model, or rows holding another model's vector (the JSON
+    lists every target)."""
+    if not target_waiting(target) and not target.get("stale_model"):
+        return None
+    dims = "" if target["dimensions"] is None else f", {target['dimensions']} dims"
+    model = f"model {target['model']}{dims}"
+    parts = [f"{target['table_name']}.{target['embedding_column']}: {model}"]
+    waiting = target_waiting(target)
+    if waiting:
+        parts.append(f"{target['pending']} pending, {waiting}")
+    if target.get("stale_model"):
+        parts.append(
+            f"{target['stale_model']} row(s) hold another model's vector "
+            "(enqueue --stale-model queues them)"
+        )
+    return plain(" · ".join(parts))
 
 
 def _age(seconds: Any) -> str:
@@ -139,6 +187,8 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
             f"{s['done_last_15m']}"
         ),
     ]
+    lines += [line for line in map(_target_line, report.targets) if line is not None]
+    lines += [_reembed_line(r) for r in report.reembeds]
     for row in report.inbox:
         lines.append(
             plain(

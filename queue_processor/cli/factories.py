@@ -15,7 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import SecretStr
+
 from queue_processor import queue
+from queue_processor.cli.models_file import load_models_file
 from queue_processor.cli.progress import drain_progress
 from queue_processor.db import Database
 from queue_processor.errors import ConfigurationError
@@ -99,14 +102,70 @@ def build_provider(
         from queue_processor.providers.local import LocalProvider
 
         return LocalProvider(model=model)
+    return _openai_provider(
+        settings,
+        model=model,
+        base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+        api_key=settings.openai_api_key,
+        dimensions=settings.embedding_dimensions,
+        on_response=on_response,
+    )
+
+
+def build_model_providers(
+    settings: Settings, *, on_response: Callable[[int | str], None] | None = None
+) -> dict[str, EmbeddingProvider]:
+    """The further models of EMBEDDING_MODELS_FILE, by name, each with its provider (not
+    yet opened); empty without the file. Each key is read from the environment variable the
+    file names for it (a missing one is a ConfigurationError naming the variable)."""
+    if settings.embedding_models_file is None:
+        return {}
+    providers: dict[str, EmbeddingProvider] = {}
+    for spec in load_models_file(settings.embedding_models_file):
+        if spec.provider == "local":
+            from queue_processor.providers.local import LocalProvider
+
+            providers[spec.model] = LocalProvider(model=spec.model)
+            continue
+        key: SecretStr | None = None
+        if spec.api_key_env:
+            value = os.environ.get(spec.api_key_env)
+            if not value:
+                raise ConfigurationError(
+                    f"model {spec.model!r}: environment variable {spec.api_key_env} "
+                    "(its api_key_env) is not set"
+                )
+            key = SecretStr(value)
+        assert spec.base_url is not None
+        providers[spec.model] = _openai_provider(
+            settings,
+            model=spec.model,
+            base_url=spec.base_url,
+            api_key=key,
+            dimensions=spec.dimensions,
+            on_response=on_response,
+        )
+    return providers
+
+
+def _openai_provider(
+    settings: Settings,
+    *,
+    model: str,
+    base_url: str,
+    api_key: SecretStr | None,
+    dimensions: int | None,
+    on_response: Callable[[int | str], None] | None,
+) -> EmbeddingProvider:
+    """An OpenAI-compatible provider with the environment's limits, retries and timeouts."""
     limiter = RateLimiter(
         settings.embedding_requests_per_minute, settings.embedding_tokens_per_minute
     )
     return OpenAIProvider(
-        base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
-        api_key=settings.openai_api_key,
+        base_url=base_url,
+        api_key=api_key,
         model=model,
-        dimensions=settings.embedding_dimensions,
+        dimensions=dimensions,
         timeout_seconds=settings.request_timeout_seconds,
         connect_timeout_seconds=settings.connect_timeout_seconds,
         max_inputs_per_request=settings.embedding_max_inputs_per_request,
@@ -204,13 +263,17 @@ async def wired_run(
     ``progress_bar`` draws a terminal progress bar on stderr, advanced by every batch."""
     notifier = systemd_notifier()  # before the database: the embedded one is a child
     metrics = Metrics() if metrics_port is not None else None
+    on_response = metrics.observe_request if metrics is not None else None
     async with (
         open_database(settings, max_size=max(4, config.concurrency * 2 + 2)) as db,
-        build_provider(
-            settings, on_response=metrics.observe_request if metrics is not None else None
-        ) as provider,
+        build_provider(settings, on_response=on_response) as provider,
+        contextlib.AsyncExitStack() as models,
     ):
         await check_schema(db)
+        extra = {
+            name: with_cache(await models.enter_async_context(p), db, config)
+            for name, p in build_model_providers(settings, on_response=on_response).items()
+        }
         async with contextlib.AsyncExitStack() as stack:
             observers: list[BatchObserver] = []
             if progress_bar:
@@ -223,6 +286,7 @@ async def wired_run(
                 config,
                 observers=observers,
                 on_claim=metrics.observe_claim if metrics is not None else None,
+                providers=extra,
             )
             progress = progress_check(lambda: worker.last_progress_at, stall_seconds(settings))
             poller: QueueDepthPoller | None = None

@@ -102,7 +102,15 @@ async def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         await check_schema(db)
         target = await find_target(db, args.table, args.column)
         ids = parse_id_spec(args.ids, target) if args.ids else None
-        mode: Literal["missing", "all", "ids"] = "ids" if ids else "all" if args.all else "missing"
+        mode: Literal["missing", "all", "ids", "stale_model"] = (
+            "ids"
+            if ids
+            else "all"
+            if args.all
+            else "stale_model"
+            if args.stale_model
+            else "missing"
+        )
         with render.stdout_console().status(
             render.plain(f"queueing {target.table_name} ({mode})...")
         ):
@@ -207,6 +215,12 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     async with open_database(settings, max_size=1) as db, build_provider(settings) as provider:
         await check_schema(db)
         target = await find_target(db, args.table, args.column)
+        if target.model is not None and target.model != provider.model:
+            # A query vector of another model than the column's finds nonsense.
+            raise UsageError(
+                f"{target.table_name}.{target.embedding_column} holds vectors of model "
+                f"{target.model}; search with EMBEDDING_MODEL={target.model}"
+            )
         result = await provider.embed([args.text])
         vector = result.vectors[0]
         if vector is None:
@@ -291,6 +305,11 @@ def _add_enqueue_parser(sub: Subparsers) -> None:
     )
     which.add_argument("--all", "--force", action="store_true", help="every row (re-embed)")
     which.add_argument("--ids", help="these ids: 1,5,10-20,100-200")
+    which.add_argument(
+        "--stale-model",
+        action="store_true",
+        help="rows whose model column names another model than the target's",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_enqueue)
 

@@ -46,12 +46,15 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             concurrency=config.concurrency,
             provider=wired.provider.name,
             model=wired.provider.model,
+            models=list(wired.worker.models),
         )
         with unwrapped_errors():
             summary = await _run_worker(wired, mode, owner=config.owner)
     worker = wired.worker
     if mode != "continuous" or worker.aborted:
         print_summary(summary)
+    if mode != "continuous" and worker.serving is not None and worker.serving.nothing_to_serve:
+        out(worker.serving.message())
     return _exit_code(mode, worker, summary)
 
 

@@ -1,5 +1,5 @@
 """Installing things in the database: ``migrate``, ``register``, ``build-index``,
-``unregister``."""
+``unregister``, ``bind``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import anyio
 
 from queue_processor import queue
 from queue_processor.cli.args import Subparsers, out
-from queue_processor.cli.factories import open_database
+from queue_processor.cli.factories import model_name, open_database
 from queue_processor.cli.lookup import find_target
 from queue_processor.db import Database
 from queue_processor.errors import EXIT_FAILED, EXIT_OK, PermanentError, UsageError
@@ -85,7 +85,9 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             content_columns=args.content or None,
             template=template,
             id_column=args.id_column,
-            model=args.model,
+            # The target is bound to this model: only workers embedding with it claim its
+            # items (default: the model this command is configured with, EMBEDDING_MODEL).
+            model=args.model or model_name(settings),
             dimensions=args.dimensions,
             model_column=args.model_column,
             generated_at_column=args.generated_at_column,
@@ -104,7 +106,27 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             out(f"queued for embedding: {queued} row(s) ({mode})")
         if spec is not None:
             await _index_target(db, target, spec, queued, args, settings)
-    out(f"registered {label}.{args.column}")
+    out(f"registered {label}.{args.column} (model {args.model or model_name(settings)})")
+    return EXIT_OK
+
+
+async def cmd_bind(args: argparse.Namespace, settings: Settings) -> int:
+    """Bind a target to a model: only workers embedding with it claim its items."""
+    model = args.model or model_name(settings)
+    async with open_database(settings, max_size=1) as db:
+        await check_schema(db)
+        target = await find_target(db, args.table, args.column)
+        previous = await queue.bind_target(
+            db, target.table_name, target.embedding_column, model, args.dimensions
+        )
+    was = "unbound" if previous is None else f"was {previous}"
+    out(f"bound {target.table_name}.{target.embedding_column} to model {model} ({was})")
+    if previous is not None and previous != model:
+        out(
+            "vectors already stored keep the old model's: re-embed them with "
+            f"`queue-processor enqueue {target.table_name} --column "
+            f"{target.embedding_column} --stale-model` (needs a model column) or --all"
+        )
     return EXIT_OK
 
 
@@ -202,7 +224,7 @@ async def cmd_unregister(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_parsers(sub: Subparsers) -> None:
-    """Add ``migrate``, ``register``, ``build-index`` and ``unregister``."""
+    """Add ``migrate``, ``register``, ``build-index``, ``unregister`` and ``bind``."""
     p = sub.add_parser("migrate", help="install or upgrade the queue schema")
     p.add_argument(
         "--allow-unsafe-schema",
@@ -235,6 +257,16 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("--column", required=True)
     p.set_defaults(func=cmd_unregister)
 
+    p = sub.add_parser(
+        "bind",
+        help="bind a target to a model: only workers embedding with it claim its items",
+    )
+    p.add_argument("table", help="the target's table label as shown by status")
+    p.add_argument("--column", help="embedding column (needed when the table has several)")
+    p.add_argument("--model", help="the model (default: EMBEDDING_MODEL's)")
+    p.add_argument("--dimensions", type=int, help="the model's vector dimensions")
+    p.set_defaults(func=cmd_bind)
+
 
 def _add_register_parser(sub: Subparsers) -> None:
     """Add ``register``, the command with the most options."""
@@ -254,7 +286,11 @@ def _add_register_parser(sub: Subparsers) -> None:
         "--template", help=r"content template, e.g. 'Title: {title}\nGenre: {genre}'"
     )
     p.add_argument("--id-column", help="unique key column (default: the primary key)")
-    p.add_argument("--model", help="model for this target (informational)")
+    p.add_argument(
+        "--model",
+        help="the model this target is bound to: only workers embedding with it claim its "
+        "items (default: EMBEDDING_MODEL's)",
+    )
     p.add_argument("--dimensions", type=int, help="expected vector dimensions")
     p.add_argument("--model-column", help="companion column filled with the model name")
     p.add_argument("--generated-at-column", help="companion column filled with the write time")

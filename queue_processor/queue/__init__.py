@@ -12,6 +12,8 @@ queries.sql, one named statement per function. The worker never sees SQL text.
 - ``cache``       the opt-in embedding cache and ``EmbeddingCacheStore``
 - ``indexes``     wanted vector indexes and their builds: ``hnsw_spec``, ``want_index``,
                   ``build_next_index``, ``index_builds``
+- ``workers``     running workers and their models (``worker_seen``, ``worker_gone``), and
+                  ``bind_target``
 
 Callers use the package (``queue.claim_batch(...)``): every name is re-exported here, so
 tests that patch ``queue.<name>`` reach every caller that goes through the package.
@@ -65,6 +67,7 @@ from queue_processor.queue.registry import (
     set_length_policy,
     unregister_target,
 )
+from queue_processor.queue.workers import bind_target, worker_gone, worker_seen
 
 __all__ = [
     "EXPAND_FACTOR",
@@ -79,6 +82,7 @@ __all__ = [
     "Write",
     "add_embedding_column",
     "backfill",
+    "bind_target",
     "build_memory_mb",
     "build_next_index",
     "cache_lookup",
@@ -107,4 +111,6 @@ __all__ = [
     "status",
     "unregister_target",
     "want_index",
+    "worker_gone",
+    "worker_seen",
 ]

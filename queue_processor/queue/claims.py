@@ -54,6 +54,9 @@ class Write:
     vector: npt.NDArray[np.float32]
     # Stored with the done item, e.g. "truncated to 8,191 of 23,125 tokens".
     detail: str | None = None
+    # The model that made the vector, for the target's model column (None: the ``model``
+    # passed to ``complete``). Set when one worker embeds with several models.
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Usage:
     items: int
     tokens: int
     requests: int
+    # The model these were spent on (None: the ``model`` passed to ``complete``).
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ async def claim_batch(
     max_attempts: int,
     max_content_chars: int = MAX_CONTENT_CHARS,
     max_claim_bytes: int = MAX_CLAIM_BYTES,
+    models: Sequence[str] | None = None,
 ) -> ClaimResult:
     """Claim up to ``limit`` items in one committed statement (see queries.sql).
 
@@ -101,6 +107,9 @@ async def claim_batch(
     Keys of bulk inserts waiting in the inbox are turned into queue rows first (a slice of
     ``max(EXPAND_MIN, EXPAND_FACTOR * limit)`` keys, committed on its own), so they become
     claimable. ``inbox_pending`` tells a caller that found nothing whether keys remain.
+
+    ``models`` are the models the caller embeds with: only items of targets bound to one of
+    them, or to none, are claimed (None claims items of every target).
     """
     token = ClaimToken(uuid.uuid4())
     async with db.connection(autocommit=True) as conn:
@@ -120,6 +129,7 @@ async def claim_batch(
                 "max_attempts": max_attempts,
                 "max_content_chars": max_content_chars,
                 "max_claim_bytes": max_claim_bytes,
+                "models": None if models is None else list(models),
             },
         )
         inbox_pending = False
@@ -180,7 +190,7 @@ async def complete(
     failures: Sequence[ItemFailure],
     *,
     model: str | None,
-    usage: Usage | None = None,
+    usage: Usage | Sequence[Usage] | None = None,
 ) -> CompleteResult:
     """Write vectors, mark them done and record permanent failures, in one transaction.
 
@@ -216,19 +226,20 @@ async def complete(
     ]
     if failures:
         steps.append((db.statement("fail_items"), _fail_params(failures, token)))
-    if usage is not None:
-        steps.append(
-            (
-                db.statement("record_usage"),
-                {
-                    "owner": usage.owner,
-                    "model": model,
-                    "items": usage.items,
-                    "tokens": usage.tokens,
-                    "requests": usage.requests,
-                },
-            )
+    usages = [usage] if isinstance(usage, Usage) else list(usage or ())
+    steps += [
+        (
+            db.statement("record_usage"),
+            {
+                "owner": u.owner,
+                "model": u.model or model,
+                "items": u.items,
+                "tokens": u.tokens,
+                "requests": u.requests,
+            },
         )
+        for u in usages
+    ]
     results = await db.transaction_pipelined(steps)
     valid = {QueueId(int(r["id"])) for r in results[first_write - 1]}
     acked = [r for rows in results[first_write : first_write + len(groups)] for r in rows]
@@ -246,7 +257,7 @@ def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) 
         "ids": [w.key for w in group],
         "qids": [w.item.id for w in group],
         "token": token,
-        "model": model,
+        "model": group[0].model or model,
         "details": [w.detail for w in group],
     }
     if group[0].target.column_type == "bytea":

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from queue_processor import targets
 from queue_processor.db import Database, Row, float4_array
-from queue_processor.errors import PermanentError
+from queue_processor.errors import PermanentError, StatementFailed
 from queue_processor.models import Target
 
 
@@ -28,11 +28,16 @@ class StatusReport:
     indexes: list[Row] = field(default_factory=list)
     # Done items whose text was cut to the model's input limit, per target.
     truncated: list[Row] = field(default_factory=list)
+    # Per target: model, dimensions, pending, served (by a running worker), stale_model.
+    targets: list[Row] = field(default_factory=list)
+    # Re-embeddings in progress, with their progress (reembed.progress's fields).
+    reembeds: list[Row] = field(default_factory=list)
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
     """Counts by table/column/status, depth and throughput, usage, recent failures, bulk
-    inserts not yet expanded into queue rows, and wanted indexes."""
+    inserts not yet expanded into queue rows, wanted indexes, and each target's model
+    binding."""
     async with db.connection() as conn:
         counts = await db.fetch_all(conn, db.statement("status_counts"))
         summary = await db.fetch_one(conn, db.statement("status_summary"))
@@ -45,8 +50,48 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
             conn, db.statement("index_builds"), {"table_name": None, "column": None}
         )
         truncated = await db.fetch_all(conn, db.statement("truncated_counts"))
+        models = await db.fetch_all(conn, db.statement("target_models"))
+        reembeds = await db.fetch_all(conn, db.statement("reembeds"))
     assert summary is not None
-    return StatusReport(counts, summary, usage, failures, inbox, indexes, truncated)
+    bound = [dict(row, stale_model=await stale_model_count(db, row)) for row in models]
+    progress = [dict(row, **await reembed_progress(db, row)) for row in reembeds]
+    return StatusReport(
+        counts, summary, usage, failures, inbox, indexes, truncated, bound, progress
+    )
+
+
+async def reembed_progress(db: Database, reembed: Row) -> Row:
+    """Rows done, total and queued of a re-embedding; empty when this role may not read
+    the source table's columns (the worker role)."""
+    try:
+        async with db.connection(autocommit=True) as conn:
+            row = await db.fetch_one(
+                conn,
+                db.statement("reembed_progress"),
+                {"table_name": reembed["table_name"], "column": reembed["embedding_column"]},
+            )
+    except StatementFailed:
+        return {}
+    assert row is not None
+    return {k: row[k] for k in ("done", "total", "queued", "remaining_tokens")}
+
+
+async def stale_model_count(db: Database, target: Row) -> int | None:
+    """Rows of ``target`` whose model column names another model than the target's; None
+    when that cannot be told (no model column or no model) or not by this role (reading the
+    model column needs more than the worker role's grants)."""
+    if target["model"] is None or target["model_column"] is None:
+        return None
+    try:
+        async with db.connection(autocommit=True) as conn:
+            row = await db.fetch_one(
+                conn,
+                db.statement("stale_model_count"),
+                {"table_name": target["table_name"], "column": target["embedding_column"]},
+            )
+    except StatementFailed:
+        return None
+    return None if row is None or row["stale"] is None else int(row["stale"])
 
 
 async def requeue_failed(

@@ -110,7 +110,7 @@ async def backfill(
     db: Database,
     table_name: str,
     column: str,
-    mode: Literal["missing", "all", "ids"],
+    mode: Literal["missing", "all", "ids", "stale_model"],
     ids: Sequence[str] | None = None,
 ) -> int:
     """Queue existing rows of a target; return how many were queued or re-pended."""

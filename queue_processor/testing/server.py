@@ -29,8 +29,9 @@ class FakeOpenAIServer:
     consistent copy under a lock). Counters: ``requests_total`` (embedding requests
     received), ``requests_by_status`` (responses by status; ``DROPPED`` = 0 for connections
     dropped by a timeout/reset fault), ``input_counts`` (how often each input text was part
-    of a 200 response), ``faults_injected``, ``request_log`` (one dict per embedding request:
-    status, n_inputs, model, authorization (bool, never the key), dimensions,
+    of a 200 response), ``inputs_by_model`` (the same, per requested model),
+    ``faults_injected``, ``request_log`` (one dict per embedding request: status,
+    n_inputs, model, authorization (bool, never the key), dimensions,
     encoding_format, fault), ``in_flight`` / ``max_in_flight`` (concurrent embedding requests),
     ``oversized_bytes_sent`` (body bytes of ``oversized_body_bytes`` answers the client took:
     handed to the kernel, so at most a few MB of socket buffers more than it read).
@@ -104,6 +105,7 @@ class FakeOpenAIServer:
         self.requests_total = 0
         self.requests_by_status: Counter[int] = Counter()
         self.input_counts: Counter[str] = Counter()
+        self.inputs_by_model: dict[str, Counter[str]] = {}
         self.faults_injected: Counter[str] = Counter()
         self.request_log: list[dict[str, Any]] = []
         self.in_flight = 0
@@ -247,6 +249,7 @@ class FakeOpenAIServer:
                 "requests_total": self.requests_total,
                 "by_status": {str(k): v for k, v in sorted(self.requests_by_status.items())},
                 "input_counts": dict(self.input_counts),
+                "inputs_by_model": {m: dict(c) for m, c in self.inputs_by_model.items()},
                 "faults_injected": dict(self.faults_injected),
                 "max_in_flight": self.max_in_flight,
                 "oversized_bytes_sent": self.oversized_bytes_sent,
@@ -327,6 +330,7 @@ class FakeOpenAIServer:
                 self.faults_injected[entry["fault"]] += 1
             if status == 200 and isinstance(inputs, list):
                 self.input_counts.update(inputs)
+                self.inputs_by_model.setdefault(str(model), Counter()).update(inputs)
         return reply
 
     def _enter(self) -> None:

@@ -14,8 +14,9 @@ DatabaseUnavailable propagates and the claim is left to expire.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -82,11 +83,21 @@ class TargetRegistry:
 class BatchProcessor:
     """Turns claimed batches into reports; one per worker, shared by its batches."""
 
-    def __init__(self, db: Database, provider: EmbeddingProvider, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        db: Database,
+        provider: EmbeddingProvider,
+        config: WorkerConfig,
+        *,
+        providers: Mapping[str, EmbeddingProvider] | None = None,
+    ) -> None:
         self._db = db
         self._provider = provider
         self._config = config
         self._targets = TargetRegistry(db, config)
+        # Further models this worker embeds with, by model name: items of a target bound to
+        # one of them go to its provider, every other item to ``provider``.
+        self._providers = dict(providers or {})
 
     async def process(self, claim: Claim, write_turn: WriteTurn) -> BatchReport:
         """Validate, embed, then (inside ``write_turn()``) write and acknowledge ``claim``.
@@ -96,6 +107,8 @@ class BatchProcessor:
         started = time.monotonic()
         targets = await self._targets.resolve(claim.items)
         work, failures = validate(claim.items, targets)
+        if self._providers:
+            return await self._process_routed(claim, work, failures, write_turn, started)
         try:
             work, fitted, too_long = await self._fit(work)
             failures += too_long
@@ -163,6 +176,63 @@ class BatchProcessor:
             fitted,
         )
 
+    async def _process_routed(
+        self,
+        claim: Claim,
+        work: list[_Work],
+        failures: list[ItemFailure],
+        write_turn: WriteTurn,
+        started: float,
+    ) -> BatchReport:
+        """``process`` for a worker of several models: each target's items go to the
+        provider of the target's model (the default provider for unbound targets), each
+        vector is written with its model's name, and usage is recorded per model. A
+        transient failure of any provider sends the whole batch back."""
+        routes: dict[str, list[_Work]] = {}
+        for w in work:
+            model = w.target.model if w.target.model in self._providers else None
+            routes.setdefault(model or "", []).append(w)
+        writes: list[queue.Write] = []
+        usages: list[queue.Usage] = []
+        tokens = requests = cached = 0
+        for model, part in routes.items():
+            provider = self._providers[model] if model else self._provider
+            try:
+                embedded = await provider.embed([w.item.content or "" for w in part])
+            except TransientError as exc:
+                async with write_turn():
+                    return await self._retry_later(claim, work, failures, exc, started)
+            matched, rejected = match_vectors(part, embedded)
+            writes += [dataclasses.replace(w, model=provider.model) for w in matched]
+            failures += rejected
+            tokens, requests = tokens + embedded.tokens, requests + embedded.requests
+            cached += embedded.cached
+            usages.append(
+                queue.Usage(
+                    self._config.owner,
+                    len(part),
+                    embedded.tokens,
+                    embedded.requests,
+                    model=provider.model,
+                )
+            )
+        async with write_turn():
+            outcome = await self._complete(claim.token, writes, failures, usages)
+        report = BatchReport(
+            items=len(claim.items),
+            done=len(outcome.done) - len(outcome.missing),
+            failed=len(outcome.failed),
+            skipped=len(outcome.missing),
+            retried=0,
+            lost=len(outcome.lost),
+            tokens=tokens,
+            requests=requests,
+            seconds=time.monotonic() - started,
+            cached=cached,
+        )
+        _log_written(report, failures, outcome)
+        return report
+
     async def _retry_later(
         self,
         claim: Claim,
@@ -214,7 +284,7 @@ class BatchProcessor:
         token: ClaimToken,
         writes: list[queue.Write],
         failures: list[ItemFailure],
-        usage: queue.Usage,
+        usage: queue.Usage | list[queue.Usage],
     ) -> queue.CompleteResult:
         """Write and acknowledge the batch in one transaction. If Postgres rejects a write
         (a dropped column, a dimension check, permissions...), write each target on its own

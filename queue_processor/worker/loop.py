@@ -24,7 +24,7 @@ No SQL lives here: the repository (``queue``) owns every statement.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 
@@ -39,6 +39,7 @@ from queue_processor.errors import ConfigurationError, DatabaseUnavailable
 from queue_processor.models import Claim, ClaimToken, QueueId
 from queue_processor.providers.base import EmbeddingProvider
 from queue_processor.worker.batch import BatchProcessor
+from queue_processor.worker.binding import Serving, log_serving, serving
 from queue_processor.worker.config import RunMode, WorkerConfig
 from queue_processor.worker.indexes import IndexBuilder
 from queue_processor.worker.report import BatchObserver, BatchReport, RunSummary
@@ -67,10 +68,18 @@ class Worker:
         *,
         observers: Sequence[BatchObserver] = (),
         on_claim: Callable[[int, int], None] | None = None,
+        providers: Mapping[str, EmbeddingProvider] | None = None,
     ) -> None:
         self._db = db
         self._config = config
-        self._batches = BatchProcessor(db, provider, config)
+        # The models this worker embeds with: it claims only items of targets bound to one
+        # of them (or to none, which ``provider`` embeds). ``providers`` are further models,
+        # by name, each with its own provider (several models in one worker).
+        extra = {m: p for m, p in (providers or {}).items() if m != provider.model}
+        self.models: tuple[str, ...] = (provider.model, *extra)
+        # What the last run found at its start (None: the registry could not be read).
+        self.serving: Serving | None = None
+        self._batches = BatchProcessor(db, provider, config, providers=extra)
         self._indexes = IndexBuilder(db, config)
         self._observers = list(observers)
         self._on_claim = on_claim
@@ -140,6 +149,15 @@ class Worker:
             self._stop_event.set()
         self._claims_closed = False
         self.summary = RunSummary()
+        await self._announce()
+        try:
+            await self._run(mode)
+        finally:
+            await self._forget()
+        self.summary.finished_at = time.monotonic()
+        return self.summary
+
+    async def _run(self, mode: RunMode) -> None:
         with unwrapped_errors(), anyio.CancelScope() as run_scope:
             self._run_scope = run_scope
             async with anyio.create_task_group() as side:
@@ -165,8 +183,29 @@ class Worker:
                     # cancels the build, which is given back).
                     await self._until_stopped(self._indexes.check)
                 side.cancel_scope.cancel()
-        self.summary.finished_at = time.monotonic()
-        return self.summary
+
+    async def _announce(self) -> None:
+        """Record this worker and its models (for ``status``) and log which targets it serves
+        and which it leaves to workers of other models. A database outage here is no reason
+        not to start: the claim loop waits it out."""
+        try:
+            await queue.worker_seen(
+                self._db, self._config.owner, self.models, self._config.lease_seconds
+            )
+            self.serving = serving(await queue.list_targets(self._db), self.models)
+        except DatabaseUnavailable as exc:
+            log.warning("worker_targets_unknown", error=str(exc))
+            return
+        log_serving(self.serving)
+
+    async def _forget(self) -> None:
+        """Remove this worker from the running workers (bounded, shielded: it runs while
+        the run ends, maybe cancelled)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await queue.worker_gone(self._db, self._config.owner)
+            except DatabaseUnavailable as exc:
+                log.warning("worker_gone_failed", error=str(exc))
 
     async def _claim_loop(self, batches: anyio.abc.TaskGroup, mode: RunMode) -> None:
         # Only this loop takes slots; a batch gives its slot back (see _run_batch).
@@ -221,6 +260,7 @@ class Worker:
                 max_attempts=cfg.max_attempts,
                 max_content_chars=cfg.max_content_chars,
                 max_claim_bytes=cfg.max_claim_bytes,
+                models=self.models,
             )
             if self._claims_stopped and result.claim.items:
                 await self._release(result.claim)
@@ -349,6 +389,12 @@ class Worker:
         interval = max(0.05, self._config.lease_seconds / 3)
         while True:
             await anyio.sleep(interval)
+            try:
+                await queue.worker_seen(
+                    self._db, self._config.owner, self.models, self._config.lease_seconds
+                )
+            except DatabaseUnavailable as exc:
+                log.warning("worker_seen_failed", error=str(exc))
             for token, ids in list(self._inflight.items()):
                 try:
                     await queue.renew_leases(self._db, token, ids, self._config.lease_seconds)

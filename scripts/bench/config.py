@@ -28,6 +28,7 @@ SECTIONS = (
     "index",
     "steady",
     "longtexts",
+    "reembed",
 )
 MODEL = "text-embedding-3-small"
 DIMS = 768

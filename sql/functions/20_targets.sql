@@ -106,6 +106,85 @@ BEGIN
 END;
 $$;
 
+-- The rows of target t whose stored vector was not written by t's model (issue 13): a
+-- vector is stored (the target column is not NULL) and the companion model column holds
+-- another model's name, or none. A predicate over alias r for embedding_queue_backfill's
+-- 'stale_model' mode and embedding_target_stale_model_count. Raises when t has no model
+-- column (nothing records which model wrote a vector) or no model (unbound: nothing to
+-- compare with).
+CREATE OR REPLACE FUNCTION @qs@.embedding_target_stale_model_filter(t @qs@.embedding_targets)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF t.model_column IS NULL THEN
+        RAISE EXCEPTION 'target %.% has no model column: which model wrote a vector is not recorded',
+              t.table_name, quote_ident(t.embedding_column)
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF t.model IS NULL THEN
+        RAISE EXCEPTION 'target %.% is bound to no model (bind it first)',
+              t.table_name, quote_ident(t.embedding_column)
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN format('r.%I IS NOT NULL AND r.%I IS DISTINCT FROM %L',
+                  t.embedding_column, t.model_column, t.model);
+END;
+$$;
+
+-- How many rows of a target hold a vector of another model than the target's (see
+-- embedding_target_stale_model_filter); NULL when that cannot be told (no model column, or
+-- the target is unbound). For `status`: one scan of the source table per such target.
+CREATE OR REPLACE FUNCTION @qs@.embedding_target_stale_model_count(
+    p_table_name text, p_embedding_column text
+) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t @qs@.embedding_targets;
+    n bigint;
+BEGIN
+    t := @qs@.embedding_target(p_table_name, p_embedding_column);
+    IF t.model_column IS NULL OR t.model IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT count(*) FROM %I.%I AS r WHERE %s', t.schema_name, t.relation_name,
+                   @qs@.embedding_target_stale_model_filter(t))
+       INTO n;
+    RETURN n;
+END;
+$$;
+
+-- Bind a target to a model (and, when given, its dimensions): from now on only workers
+-- embedding with that model claim its items. Returns the model it was bound to before.
+-- Vectors already stored are not touched: `enqueue --stale-model` re-embeds those written
+-- by another model (when the target has a model column), `reembed` switches with no downtime.
+CREATE OR REPLACE FUNCTION @qs@.embedding_bind_target(
+    p_table_name text, p_embedding_column text, p_model text, p_dimensions integer DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t @qs@.embedding_targets;
+BEGIN
+    t := @qs@.embedding_target(p_table_name, p_embedding_column);
+    IF p_model IS NULL OR p_model = '' THEN
+        RAISE EXCEPTION 'a target is bound to a model name, not %', quote_nullable(p_model)
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_dimensions IS NOT NULL AND t.dimensions IS NOT NULL AND p_dimensions <> t.dimensions
+       AND t.column_type IN ('vector', 'halfvec') THEN
+        RAISE EXCEPTION 'column %.% holds % dimensions but % were requested',
+              t.table_name, quote_ident(t.embedding_column), t.dimensions, p_dimensions
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE @qs@.embedding_targets AS r
+       SET model = p_model, dimensions = coalesce(p_dimensions, r.dimensions), updated_at = now()
+     WHERE r.table_name = t.table_name AND r.embedding_column = t.embedding_column;
+    RETURN t.model;
+END;
+$$;
+
 -- Queue rows of a registered target: 'missing' (target column NULL), 'all' (re-embed every
 -- row, e.g. after a model change) or the given ids. Returns how many rows were queued.
 -- Rows already queued go back to pending with their current content. Rows are queued in key
@@ -131,10 +210,11 @@ BEGIN
         WHEN 'all' THEN 'true'
         -- The key type through regtype: only a real type name can reach the statement.
         WHEN 'ids' THEN format('r.%I = ANY($1::%s[])', t.id_column, t.id_type::regtype)
+        WHEN 'stale_model' THEN @qs@.embedding_target_stale_model_filter(t)
     END;
     IF filter IS NULL THEN
-        RAISE EXCEPTION 'backfill mode must be missing, all or ids, not %', quote_literal(p_mode)
-              USING ERRCODE = 'invalid_parameter_value';
+        RAISE EXCEPTION 'backfill mode must be missing, all or ids (or stale_model), not %',
+              quote_literal(p_mode) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     EXECUTE format(
         $q$

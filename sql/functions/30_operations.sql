@@ -50,6 +50,12 @@ BEGIN
     EXECUTE format('GRANT UPDATE (state, error_message, builder, builder_pid, lease_expires_at, '
                    'attempts, memory_mb, started_at, finished_at) '
                    'ON %I.embedding_index_builds TO %s', qs, role);
+    -- The worker's own row in the list of running workers (0009): inserted at start,
+    -- refreshed with its leases, deleted on exit. Not security-relevant: it only feeds
+    -- `status` ("waiting for a worker with model X").
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.embedding_workers TO %s', qs, role);
+    -- Re-embeddings in progress, for `status` run as the worker role.
+    EXECUTE format('GRANT SELECT ON %I.embedding_reembeds TO %s', qs, role);
     EXECUTE format('GRANT SELECT ON %I.embedding_queue_summary, %I.embedding_queue_status, '
                    '%I.embedding_usage_summary, %I.embedding_queue_failures, '
                    '%I.embedding_queue_inbox_status TO %s', qs, qs, qs, qs, qs, role);
@@ -57,9 +63,9 @@ BEGIN
                    '%I.embedding_queue_inbox_estimate(), '
                    '%I.embedding_queue_estimate(text, text, text) TO %s', qs, qs, qs, role);
     FOREACH tbl IN ARRAY ARRAY['embedding_queue', 'embedding_targets', 'embedding_usage',
-                               'embedding_cache', 'embedding_queue_inbox',
-                               'queue_processor_migrations', 'queue_processor_functions',
-                               'embedding_index_builds'] LOOP
+                               'embedding_cache', 'embedding_queue_inbox', 'embedding_workers',
+                               'embedding_reembeds', 'embedding_index_builds',
+                               'queue_processor_migrations', 'queue_processor_functions'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_policy
                         WHERE polrelid = format('%I.%I', qs, tbl)::regclass
                           AND polname = policy) THEN

@@ -60,6 +60,7 @@ SUBCOMMANDS = (
     "migrate",
     "register",
     "unregister",
+    "bind",
     "run",
     "status",
     "requeue",

@@ -85,6 +85,7 @@ async def test_skip_locked_second_claim_skips_rows_locked_by_an_open_claim(
         "max_attempts": 3,
         "max_content_chars": MAX_CONTENT_CHARS,
         "max_claim_bytes": MAX_CLAIM_BYTES,
+        "models": None,
     }
     async with await psycopg.AsyncConnection.connect(dsn) as held:
         cur = await held.execute(statement("claim_batch", qs="public"), params)
@@ -240,6 +241,7 @@ async def test_claim_uses_the_pending_index_not_a_table_scan(dsn: str, db: Datab
         "max_attempts": 3,
         "max_content_chars": MAX_CONTENT_CHARS,
         "max_claim_bytes": MAX_CLAIM_BYTES,
+        "models": None,
     }
     with connect(dsn) as conn:
         rendered = ClientCursor(conn).mogrify(statement("claim_batch", qs="public"), params)
@@ -249,7 +251,7 @@ async def test_claim_uses_the_pending_index_not_a_table_scan(dsn: str, db: Datab
     scans = [n for n in walk(plan) if n.get("Relation Name") == "embedding_queue"]
     assert scans, plan
     assert not [n for n in scans if n["Node Type"] == "Seq Scan"], scans
-    assert "embedding_queue_pending_idx" in {n.get("Index Name") for n in scans}, scans
+    assert "embedding_queue_pending_target_idx" in {n.get("Index Name") for n in scans}, scans
     # The plan is not just possible but right: the claim takes exactly the pending rows.
     result = await claim(db, limit=100)
     assert sorted(int(i.record_id) for i in result.claim.items) == list(range(20001, 20006))

@@ -46,6 +46,7 @@ def claim_plan(dsn: str) -> dict[str, Any]:
         "max_attempts": 3,
         "max_content_chars": MAX_CONTENT_CHARS,
         "max_claim_bytes": MAX_CLAIM_BYTES,
+        "models": None,
     }
     with connect(dsn) as conn:
         rendered = ClientCursor(conn).mogrify(statement("claim_batch", qs="public"), params)
@@ -129,7 +130,10 @@ def test_two_hundred_thousand_rows_drain_with_flat_memory_and_indexed_claims(
         shapes[label] = shape(scans)
         assert scans, plan
         assert [n["Node Type"] for n in scans if n["Node Type"] == "Seq Scan"] == [], (label, scans)
-        assert "embedding_queue_pending_idx" in {n.get("Index Name") for n in scans}, (label, scans)
+        assert "embedding_queue_pending_target_idx" in {n.get("Index Name") for n in scans}, (
+            label,
+            scans,
+        )
 
     report(
         "load",
