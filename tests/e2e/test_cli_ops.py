@@ -59,6 +59,7 @@ from tests.support.helpers import (
 SUBCOMMANDS = (
     "migrate",
     "register",
+    "build-index",
     "unregister",
     "bind",
     "run",
