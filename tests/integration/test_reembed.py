@@ -24,6 +24,7 @@ from tests.support.helpers import (
     aexecute,
     body,
     create_table,
+    eventually,
     execute,
     insert_rows,
     make_provider,
@@ -155,7 +156,9 @@ async def test_reembed_switch_rollback_finish_under_writes_and_searches(
 
         swap = await reembed.switch(db, "docs", "embedding")
         assert swap.rows == p.total
-        await anyio.sleep(0.05)
+        # A search issued after the commit sees the new vectors only.
+        after = searcher.queries + 1
+        await eventually(lambda: searcher.queries > after, timeout_s=60)
         assert NEW_DIMS in searcher.dims_seen
         # After the switch: every row holds the new model's vector of its current content.
         total = assert_column_holds(dsn, "embedding", NEW, NEW_DIMS)
