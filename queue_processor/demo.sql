@@ -1,7 +1,7 @@
 -- The `queue-processor demo` statements (loaded by name by demo.py, same format as queries.sql).
 --
 -- The demo owns one table, public.demo_documents. Identifier slots ({vector}, {opclass},
--- {distance}) are filled by db.py with quoted identifiers naming pgvector's objects in
+-- {distance}) are filled by queue_processor.db with quoted identifiers naming pgvector's objects in
 -- whatever schema the extension lives in ({distance}: queries.sql's cosine_distance_operator);
 -- {dims} is a checked positive integer (a type modifier cannot be a bound parameter).
 -- Values are always bound parameters.

@@ -13,7 +13,7 @@ QueueProcessorError (exit 1)
     └── InvalidRecordId           a queue row's record_id cannot be a key of its target
 ```
 
-Errors are translated at the edge (db.py for psycopg, providers for httpx) and keep the
+Errors are translated at the edge (queue_processor.db for psycopg, providers for httpx) and keep the
 original exception as ``__cause__``. No message ever contains an API key. The command line
 exits with ``exit_code`` of the error that ended a command (``EXIT_ABORTED`` on a signal).
 """

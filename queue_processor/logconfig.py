@@ -1,5 +1,8 @@
 """structlog setup: JSON lines off a terminal, a readable console on one.
 
+Every line of the process is an event in that format: the standard library's log records
+(psycopg's, httpx's...) are rendered by the same processors, with the logger's name.
+
 Events are key-value pairs; per-item context (queue id, table, record) is bound with
 structlog.contextvars by the worker. A processor drops any value that looks like an API key.
 On a console, control characters in string values (a record id or provider error text with
@@ -65,7 +68,10 @@ def _escape_controls(
 def configure_logging(
     level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
 ) -> None:
-    """Configure structlog (and stdlib logging) once, from the CLI."""
+    """Configure structlog, and the standard library's logging through it, once, from the
+    CLI: the libraries' own records (psycopg_pool's "error connecting" warnings, for one)
+    come out as events in the same format, with their ``logger`` name, and are redacted like
+    ours. The libraries' records below WARNING are dropped."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     # JSONRenderer needs no escaping step: json.dumps writes controls (and, ASCII-only, the
@@ -75,11 +81,12 @@ def configure_logging(
         if use_console
         else [structlog.processors.JSONRenderer()]
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             _redact,
             structlog.processors.format_exc_info,
             *renderer,
@@ -88,4 +95,23 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _redact,
+                structlog.processors.format_exc_info,
+                *renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))

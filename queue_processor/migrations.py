@@ -1,13 +1,19 @@
 """Apply the ordered SQL files in ``sql/migrations``, then ``sql/functions``, under a lock.
 
-Each migration is applied once, in its own transaction, and recorded in
-``queue_processor_migrations``. The files in ``sql/functions`` hold the current definition of
-every function (CREATE OR REPLACE): whenever one of them differs from what the database last
-applied (by SHA-256, recorded in ``queue_processor_functions``), all of them are re-applied in
-one transaction, every registered target's triggers are regenerated and every worker role is
-re-granted. Re-running is a no-op. A session-level advisory lock makes two processes migrating
-at once take turns instead of colliding. The files ship inside the wheel
-(``queue_processor/sql``); in a source checkout they are read from the repository's ``sql/``.
+Each migration is applied once and recorded in ``queue_processor_migrations``. The files in
+``sql/functions`` hold the current definition of every function (CREATE OR REPLACE): whenever
+one of them differs from what the database last applied (by SHA-256, recorded in
+``queue_processor_functions``), all of them are re-applied, every registered target's triggers
+are regenerated and every worker role is re-granted. Re-running is a no-op.
+
+A whole ``migrate`` is one transaction that holds a transaction-level advisory lock
+(``Database.schema_transaction``): two processes migrating at once take turns instead of
+colliding, a failure leaves the schema as it was, and it works through a transaction-mode
+pooler (a session lock would be taken on one server connection and released on another).
+So a migration must be able to run inside a transaction block: no ``CREATE INDEX
+CONCURRENTLY``, ``VACUUM`` or ``ALTER SYSTEM`` (tests/unit/test_migration_files.py checks).
+``register`` takes the same lock. The files ship inside the wheel (``queue_processor/sql``); in
+a source checkout they are read from the repository's ``sql/``.
 
 ``migrate`` refuses a queue schema in which a role other than its owner may CREATE: the
 migrations' DDL runs with that schema first on the search_path (SECURITY.md).
@@ -105,33 +111,29 @@ def latest_version() -> int:
 
 
 async def migrate(db: Database, *, allow_unsafe_schema: bool = False) -> list[int]:
-    """Apply pending migrations, then the function files if any changed; return the migration
-    versions applied (empty when up to date).
+    """Apply pending migrations, then the function files if any changed, in one transaction
+    under the schema lock; return the migration versions applied (empty when up to date).
 
     Raises ConfigurationError when a role other than its owner (PUBLIC included) may CREATE
     in the queue schema, unless ``allow_unsafe_schema`` (then it logs a warning and goes on).
     """
     applied: list[int] = []
-    async with db.connection(autocommit=True) as conn:
-        await db.advisory_lock(conn, "queue_processor.migrate")
-        try:
-            await create_version_table(db, conn)
-            creators = await schema_creators(db, conn)
-            if creators:
-                _unsafe_schema(db.schema, creators, allowed=allow_unsafe_schema)
-            done = await applied_migrations(db, conn)
-            for migration in load_migrations():
-                if migration.version in done:
-                    continue
-                await apply_migration(db, conn, migration)
-                log.info("migration_applied", version=migration.version, name=migration.name)
-                applied.append(migration.version)
-            if applied or stale_function_files(await function_hashes(db, conn)):
-                files = load_function_files()
-                targets, workers = await apply_function_files(db, conn, files)
-                log.info("functions_applied", files=len(files), targets=targets, workers=workers)
-        finally:
-            await db.advisory_unlock(conn, "queue_processor.migrate")
+    async with db.connection(autocommit=True) as conn, db.schema_transaction(conn):
+        await create_version_table(db, conn)
+        creators = await schema_creators(db, conn)
+        if creators:
+            _unsafe_schema(db.schema, creators, allowed=allow_unsafe_schema)
+        done = await applied_migrations(db, conn)
+        for migration in load_migrations():
+            if migration.version in done:
+                continue
+            await apply_migration(db, conn, migration)
+            log.info("migration_applied", version=migration.version, name=migration.name)
+            applied.append(migration.version)
+        if applied or stale_function_files(await function_hashes(db, conn)):
+            files = load_function_files()
+            targets, workers = await apply_function_files(db, conn, files)
+            log.info("functions_applied", files=len(files), targets=targets, workers=workers)
     return applied
 
 
@@ -211,13 +213,13 @@ async def check_schema(db: Database) -> None:
 
 async def create_version_table(db: Database, conn: Connection) -> None:
     """Create the queue schema (unless it exists) and queue_processor_migrations in it
-    (unless it exists), in a transaction of its own."""
+    (unless it exists), inside ``migrate``'s transaction."""
     # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists;
     # ask first so a role that owns only its schema can migrate.
     found = await db.fetch_one(conn, db.statement("schema_exists"), {"schema": db.schema})
     if not (found or {}).get("found"):
         await db.execute(conn, db.statement("create_schema"))
-    async with db.ddl_transaction(conn):
+    async with db.ddl_search_path(conn):
         await db.run_script(conn, _VERSION_TABLE)
 
 
@@ -228,8 +230,8 @@ async def applied_migrations(db: Database, conn: Connection) -> set[int]:
 
 
 async def apply_migration(db: Database, conn: Connection, migration: Migration) -> None:
-    """Apply one migration file and record it, in a single transaction."""
-    async with db.ddl_transaction(conn):
+    """Apply one migration file and record it (inside ``migrate``'s transaction)."""
+    async with db.ddl_search_path(conn):
         await db.run_script(conn, migration.sql)
         await db.execute(
             conn,
@@ -266,9 +268,9 @@ async def function_hashes(db: Database, conn: Connection) -> dict[str, str]:
 async def apply_function_files(
     db: Database, conn: Connection, files: Sequence[FunctionFile]
 ) -> tuple[int, int]:
-    """Apply function files in one transaction, record them, and regenerate targets and
-    worker grants; return (targets, worker roles) refreshed."""
-    async with db.ddl_transaction(conn):
+    """Apply function files, record them, and regenerate targets and worker grants (inside
+    ``migrate``'s transaction); return (targets, worker roles) refreshed."""
+    async with db.ddl_search_path(conn):
         for file in files:
             # The files name every object of ours as @qs@.name (see 10_queue.sql).
             await db.run_script(conn, file.sql)

@@ -2,7 +2,7 @@
 
 Each statement in ``queries.sql`` starts with ``-- name: NAME`` followed by a one-line
 description comment; statements take named parameters (``%(param)s``). Statements that need
-identifiers (target tables and columns) hold ``{placeholders}``, filled only by db.py
+identifiers (target tables and columns) hold ``{placeholders}``, filled only by queue_processor.db
 (``statement``): with quoted identifiers, or with fragments that are blocks of the same file.
 """
 

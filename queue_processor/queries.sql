@@ -1,26 +1,55 @@
 -- Every runtime statement of queue_processor, addressed by name (see queries.py).
 -- Parameters are named (%(name)s, or %(name)b for binary real[] vectors). {slots} are filled
--- by db.py only: with identifiers (psycopg.sql.Identifier; names taken from the target
+-- by queue_processor.db only: with identifiers (psycopg.sql.Identifier; names taken from the target
 -- registry or the catalog), or with fragments, which are blocks of this file too (those
 -- described as "Fragment of ..."), a checked integer type modifier or a built-in type name.
 -- {qs} is the queue schema.
 
--- name: advisory_lock
--- Serialise migrations across processes: the key is hashed to the lock's bigint.
-SELECT pg_advisory_lock(hashtextextended(%(key)s, 0));
-
--- name: advisory_unlock
--- Release the migration lock.
-SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0));
+-- name: advisory_xact_lock
+-- Serialise changes to the queue schema (migrate, register) across processes, until the
+-- transaction ends: a transaction-level lock, because behind a transaction pooler a session
+-- lock's unlock may run on another server connection than its lock (db/database.py). The
+-- key is hashed to the lock's bigint.
+SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%(key)s, 0));
 
 -- name: set_search_path
--- Set the session's search_path (db.py: pg_catalog, pg_temp); return the one it replaced.
+-- Set the session's search_path (db/session.py, direct connections: pg_catalog, pg_temp);
+-- return the one it replaced.
 SELECT current_setting('search_path') AS replaced,
        set_config('search_path', %(path)s::text, false) AS path;
 
+-- name: set_session_timeouts
+-- The worker's timeouts for the whole session (db/session.py, direct connections); NULL
+-- keeps the server's value.
+SELECT pg_catalog.set_config('statement_timeout',
+           COALESCE(%(statement_timeout)s::pg_catalog.text,
+                    pg_catalog.current_setting('statement_timeout')), false),
+       pg_catalog.set_config('idle_in_transaction_session_timeout',
+           COALESCE(%(idle_timeout)s::pg_catalog.text,
+                    pg_catalog.current_setting('idle_in_transaction_session_timeout')), false);
+
+-- name: pin_transaction
+-- The first statement of every transaction behind a transaction-mode pooler (db/session.py):
+-- the search_path and the worker's timeouts for this transaction only, since the server
+-- connection is shared with other clients. Every name is qualified (and COALESCE is syntax,
+-- not a function): until this statement the path in force may be another client's.
+-- A NULL timeout keeps the value in force.
+SELECT pg_catalog.set_config('search_path', %(path)s::pg_catalog.text, true),
+       pg_catalog.set_config('statement_timeout',
+           COALESCE(%(statement_timeout)s::pg_catalog.text,
+                    pg_catalog.current_setting('statement_timeout')), true),
+       pg_catalog.set_config('idle_in_transaction_session_timeout',
+           COALESCE(%(idle_timeout)s::pg_catalog.text,
+                    pg_catalog.current_setting('idle_in_transaction_session_timeout')), true);
+
+-- name: default_search_path
+-- The search_path the database and role give a new session: behind a pooler the current
+-- value may be one another client SET on the shared server connection; reset_val is not.
+SELECT reset_val AS path FROM pg_catalog.pg_settings WHERE name = 'search_path';
+
 -- name: set_local_search_path
--- The search_path for the rest of this transaction only (migrations: see db.py).
-SELECT set_config('search_path', %(path)s::text, true);
+-- The search_path for the rest of this transaction only (migrations: see db/database.py).
+SELECT pg_catalog.set_config('search_path', %(path)s::pg_catalog.text, true);
 
 -- name: listen
 -- Subscribe this (dedicated) connection to a notification channel.
@@ -89,7 +118,7 @@ SELECT to_regclass(format('%%I.%%I', %(schema)s::text, %(relation)s::text)) IS N
 SELECT max(version) AS version FROM {qs}.queue_processor_migrations;
 
 -- name: register_target
--- Register a target and install its triggers (see sql/functions/20_targets.sql).
+-- Register a target and install its triggers (see sql/functions/25_register.sql).
 SELECT {qs}.embedding_register_target(
     %(table_oid)s::oid::regclass, %(column)s::text,
     p_content_columns => %(content_columns)s::text[],
@@ -247,7 +276,7 @@ UPDATE {qs}.embedding_queue
 -- name: mark_worker_write
 -- Tell the targets' update triggers that this transaction only writes vectors (no content
 -- changes), so they skip their work; and give it the search_path the database gives its
--- sessions (db.py: user_search_path), since the users' own triggers on their tables fire on
+-- sessions (queue_processor.db: user_search_path), since the users' own triggers on their tables fire on
 -- our writes and may rely on it. Both transaction-local. Every statement of the write names
 -- its functions with pg_catalog, so nothing on that path can stand in for them.
 SELECT pg_catalog.set_config('queue_processor.worker_write', 'on', true),

@@ -39,7 +39,28 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = Field(default=None, alias="DATABASE_URL")
     queue_schema: str = Field(default="public", alias="QUEUE_PROCESSOR_SCHEMA")
     data_dir: Path | None = Field(default=None, alias="QUEUE_PROCESSOR_DATA_DIR")
-    pool_max_size: int = Field(default=8, ge=1, alias="QUEUE_PROCESSOR_POOL_SIZE")
+    # The worker's connection pool; unset means max(4, 2 * concurrency + 2) (cli/factories.py:
+    # worker_pool_size). Operator commands use one connection.
+    pool_max_size: int | None = Field(default=None, ge=1, alias="QUEUE_PROCESSOR_POOL_SIZE")
+    # DATABASE_URL is a transaction-mode pooler (PgBouncer, Supabase's pooler on port 6543):
+    # no prepared statements, no session state, no LISTEN through it. auto: true when the
+    # port is 6543 or the host name contains "pooler".
+    pooled: bool | Literal["auto"] = Field(default="auto", alias="QUEUE_PROCESSOR_POOLED")
+    # A direct address for the worker's LISTEN (behind a pooler; without it a pooled worker
+    # polls every QUEUE_PROCESSOR_POLL_SECONDS).
+    listen_url: SecretStr | None = Field(default=None, alias="QUEUE_PROCESSOR_LISTEN_URL")
+    # The worker's sessions (or, pooled, transactions) run with these, so a stuck statement
+    # or an abandoned transaction never holds row locks for long; 0 keeps the server's
+    # setting. 300 s: far above a claim or the write of a large batch (milliseconds to
+    # seconds, HNSW index updates included) and no longer than the default lease.
+    statement_timeout_seconds: float = Field(
+        default=300.0, ge=0, alias="QUEUE_PROCESSOR_STATEMENT_TIMEOUT_SECONDS"
+    )
+    # The worker never waits inside a transaction (statements are pipelined, no transaction
+    # spans a provider call), so 60 s only ever ends a session that hung mid-transaction.
+    idle_in_transaction_timeout_seconds: float = Field(
+        default=60.0, ge=0, alias="QUEUE_PROCESSOR_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS"
+    )
 
     # Provider.
     embedding_provider: Literal["openai", "local"] | None = Field(

@@ -1,10 +1,10 @@
 """Registered targets: key parsing and the statements that write a vector into a target column.
 
-The statements are named blocks of queries.sql, composed by db.py: the identifiers passed
-here come only from the target registry (``embedding_targets``) and db.py turns them into
-quoted identifiers; the key type and the value expression are chosen from fixed tables here,
-never taken from a queue row. A queue row naming a pair that is not registered never reaches
-SQL: the worker fails it with "unregistered target".
+The statements are named blocks of queries.sql, composed by queue_processor.db: the
+identifiers passed here come only from the target registry (``embedding_targets``) and
+queue_processor.db turns them into quoted identifiers; the key type and the value expression
+are chosen from fixed tables here, never taken from a queue row. A queue row naming a pair
+that is not registered never reaches SQL: the worker fails it with "unregistered target".
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from queue_processor import queue
 from queue_processor.cli.models_file import load_models_file
 from queue_processor.cli.progress import drain_progress
-from queue_processor.db import Database
+from queue_processor.db import Database, looks_pooled
 from queue_processor.errors import ConfigurationError
 from queue_processor.metrics import HealthCheck, Metrics, QueueDepthPoller, all_of, progress_check
 from queue_processor.migrations import check_schema
@@ -47,14 +47,48 @@ def resolve_dsn(settings: Settings) -> str:
     return start_embedded(settings.data_dir)
 
 
-def open_database(settings: Settings, *, max_size: int | None = None) -> Database:
-    """A (not yet opened) Database for the configured DSN and schema; ``max_size`` caps the
-    pool (connections), defaulting to QUEUE_PROCESSOR_POOL_SIZE."""
+def open_database(settings: Settings, *, max_size: int = 1) -> Database:
+    """A (not yet opened) Database for an operator command: the configured DSN and schema,
+    ``max_size`` connections, the server's timeouts."""
+    dsn = resolve_dsn(settings)
     return Database(
-        resolve_dsn(settings),
+        dsn,
         schema=settings.queue_schema,
-        max_size=max_size or settings.pool_max_size,
+        max_size=max_size,
+        pooled=is_pooled(settings, dsn),
     )
+
+
+def open_worker_database(settings: Settings, config: WorkerConfig) -> Database:
+    """A (not yet opened) Database for the worker: its pool (``worker_pool_size``), its
+    timeouts, and QUEUE_PROCESSOR_LISTEN_URL for LISTEN when set."""
+    dsn = resolve_dsn(settings)
+    listen = settings.listen_url.get_secret_value() if settings.listen_url is not None else None
+    return Database(
+        dsn,
+        schema=settings.queue_schema,
+        max_size=worker_pool_size(settings, config.concurrency),
+        pooled=is_pooled(settings, dsn),
+        listen_dsn=listen,
+        statement_timeout_seconds=settings.statement_timeout_seconds,
+        idle_in_transaction_timeout_seconds=settings.idle_in_transaction_timeout_seconds,
+    )
+
+
+def worker_pool_size(settings: Settings, concurrency: int) -> int:
+    """The worker's pool: QUEUE_PROCESSOR_POOL_SIZE, else ``max(4, 2 * concurrency + 2)``:
+    a connection per batch writing and per batch embedding (cache lookups), plus the claim
+    loop and lease renewal (the queue-depth poller of --metrics-port shares them). With the
+    LISTEN connection that makes the README's connection budget."""
+    return settings.pool_max_size or max(4, 2 * concurrency + 2)
+
+
+def is_pooled(settings: Settings, dsn: str) -> bool:
+    """QUEUE_PROCESSOR_POOLED, or with ``auto`` whether the DSN looks like a transaction
+    pooler's (port 6543, a host name containing "pooler")."""
+    if settings.pooled == "auto":
+        return looks_pooled(dsn)
+    return settings.pooled
 
 
 # --- provider ---------------------------------------------------------------------------
@@ -265,7 +299,7 @@ async def wired_run(
     metrics = Metrics() if metrics_port is not None else None
     on_response = metrics.observe_request if metrics is not None else None
     async with (
-        open_database(settings, max_size=max(4, config.concurrency * 2 + 2)) as db,
+        open_worker_database(settings, config) as db,
         build_provider(settings, on_response=on_response) as provider,
         contextlib.AsyncExitStack() as models,
     ):

@@ -49,6 +49,7 @@ async def register_target(
     (see ``resolve_table``).
     """
     async with db.connection() as conn:
+        await db.lock_schema(conn)  # one transaction with the registration, migrate waits
         rel = await _resolve_table(db, conn, table)
         row = await db.fetch_one(
             conn,

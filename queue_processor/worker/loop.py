@@ -11,12 +11,13 @@ batches write at once (the write slots).
 
 Side tasks run in the worker's task group so their death stops the worker loudly: lease
 renewal (a slow batch is not stolen), LISTEN (a new row wakes the loop at once; polling
-is the fallback) and index builds (worker/indexes.py: a wanted index whose backlog drained;
-a drain run builds them once the queue is empty). Stopping is a request: ``stop()`` ends
-claiming, in-flight batches get ``shutdown_grace_seconds`` to finish, then are cancelled and
-their claims released. ``abort()`` cancels at once and leaves the claims to expire (leases
-make that safe). A batch whose provider rejects our configuration closes claiming, gives its
-claims back and stops the run with its ConfigurationError.
+is the fallback, and the only way behind a transaction pooler without a direct address) and
+index builds (worker/indexes.py: a wanted index whose backlog drained; a drain run builds
+them once the queue is empty). Stopping is a request: ``stop()`` ends claiming, in-flight
+batches get ``shutdown_grace_seconds`` to finish, then are cancelled and their claims
+released. ``abort()`` cancels at once and leaves the claims to expire (leases make that
+safe). A batch whose provider rejects our configuration closes claiming, gives its claims
+back and stops the run with its ConfigurationError.
 
 No SQL lives here: the repository (``queue``) owns every statement.
 """
@@ -163,7 +164,7 @@ class Worker:
             async with anyio.create_task_group() as side:
                 side.start_soon(self._renew_loop)
                 if mode == "continuous":
-                    side.start_soon(self._listen_loop)
+                    self._start_listening(side)
                     if self._indexes.enabled:
                         side.start_soon(self._indexes.run_periodically)
                 async with anyio.create_task_group() as batches:
@@ -400,6 +401,19 @@ class Worker:
                     await queue.renew_leases(self._db, token, ids, self._config.lease_seconds)
                 except DatabaseUnavailable as exc:
                     log.warning("lease_renewal_failed", error=str(exc))
+
+    def _start_listening(self, side: anyio.abc.TaskGroup) -> None:
+        """LISTEN in a side task, or (behind a pooler, no direct address) say once: we poll."""
+        if self._db.listens:
+            side.start_soon(self._listen_loop)
+            return
+        poll_s = self._config.poll_interval_seconds
+        log.info(
+            "listen_unavailable",
+            poll_interval_seconds=poll_s,
+            note=f"no LISTEN through a transaction pooler: new work is found by polling every "
+            f"{poll_s:g} s; QUEUE_PROCESSOR_LISTEN_URL (a direct address) wakes it at once",
+        )
 
     async def _listen_loop(self) -> None:
         failures = 0
