@@ -13,6 +13,12 @@ overloads of ``now()`` and ``set_config()`` in ``public`` that record who called
 drain and the operator commands through the pooler must run none of them and still do their
 work; afterwards the planted path is still there (our settings were transaction-local) and a
 naive client of the same pooler does get captured (the attack is live).
+
+Which server connection a transaction lands on is the pooler's choice, and PgBouncer may
+replace one meanwhile (it closes a server connection a client left inside a transaction, for
+one), so the test follows backend pids: a trigger records the pid of every transaction that
+writes a queue row. Our writes must have run on planted connections (at least one), and every
+planted connection still open afterwards must still carry the plant; any other must be fresh.
 """
 
 from __future__ import annotations
@@ -51,6 +57,19 @@ OVERLOADS = [
            RETURN pg_catalog.set_config($1, $2, $3);
        END $$""",
 ]
+
+WRITER_PIDS = [
+    "CREATE TABLE public.writer_pids (pid int)",
+    """CREATE FUNCTION public.record_writer_pid() RETURNS trigger LANGUAGE plpgsql
+       SET search_path = pg_catalog, pg_temp AS $$
+       BEGIN
+           INSERT INTO public.writer_pids VALUES (pg_backend_pid());
+           RETURN NULL;
+       END $$""",
+    """CREATE TRIGGER record_writer_pid AFTER UPDATE ON public.embedding_queue
+       FOR EACH STATEMENT EXECUTE FUNCTION public.record_writer_pid()""",
+]
+"""Records the backend pid of every statement that updates queue rows (claims, acks)."""
 
 SESSION_PLANTS = [
     f"SET search_path = {PLANTED_PATH}",
@@ -96,10 +115,14 @@ def test_state_planted_on_pooled_server_connections_captures_nothing_of_ours(
     execute(dsn, "CREATE TABLE public.hijack_log (who text, what text)")
     for overload in OVERLOADS:
         execute(dsn, overload)
+    for statement in WRITER_PIDS:
+        execute(dsn, statement)
     sessions = pgbouncer.default_pool_size
     plant_on_every_server_connection(pooled_dsn, sessions)
     planted = probe_server_sessions(pooled_dsn, sessions)
     assert {s["search_path"] for s in planted} == {PLANTED_PATH}
+    planted_pids = {s["pid"] for s in planted}
+    assert len(planted_pids) == sessions
 
     env = pooled_cli_env(pooled_dsn, fake)
     drained = run_cli(["run", "--drain", "--batch-size", "25", "--concurrency", "2"], env)
@@ -114,13 +137,16 @@ def test_state_planted_on_pooled_server_connections_captures_nothing_of_ours(
 
     assert hijacked(dsn) == [], "a planted overload ran inside our statements"
     assert_embeddings_are_of(dsn, contents)
-    # Our settings were transaction-local: the sessions still carry what was planted (so the
-    # commands above did run on polluted server connections; PgBouncer may have replaced one
-    # or two server connections meanwhile, which then start afresh)...
+    # Our writes ran on polluted server connections...
+    writers = {row["pid"] for row in execute(dsn, "SELECT DISTINCT pid FROM public.writer_pids")}
+    assert writers & planted_pids, (writers, planted_pids)
+    # ...and our settings were transaction-local: every planted server connection still open
+    # carries what was planted; one PgBouncer opened since (replacing a closed one) is fresh.
     after = probe_server_sessions(pooled_dsn, sessions)
-    still_planted = [s for s in after if s["search_path"] == PLANTED_PATH]
-    assert len(still_planted) >= sessions // 2, after
-    assert {s["search_path"] for s in after} <= {PLANTED_PATH, fresh_search_path(dsn)}
+    fresh = fresh_search_path(dsn)
+    for session in after:
+        expected = PLANTED_PATH if session["pid"] in planted_pids else fresh
+        assert session["search_path"] == expected, (session, planted_pids)
     # ...and a client that does not pin its path is captured (the attack is live).
     with psycopg.connect(pooled_dsn, autocommit=True, prepare_threshold=None) as naive:
         naive.execute("SELECT now()")
