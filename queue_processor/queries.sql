@@ -623,6 +623,12 @@ ON CONFLICT (table_name, embedding_column) DO UPDATE
        error_message = NULL, builder = NULL, builder_pid = NULL, lease_expires_at = NULL,
        requested_at = now(), started_at = NULL, finished_at = EXCLUDED.finished_at;
 
+-- name: index_build_wanted
+-- Whether any wanted index waits for a build (pending, or building under a lease that may
+-- have lapsed): a pooled worker asks this before it opens a direct connection to build.
+SELECT EXISTS (SELECT 1 FROM {qs}.embedding_index_builds
+                WHERE state IN ('pending', 'building')) AS wanted;
+
 -- name: index_builds
 -- Every wanted index with its build state, whether the catalog holds it as a valid index
 -- (valid: NULL when it does not exist), and the target's queued work (status, build-index).

@@ -46,9 +46,10 @@ class Settings(BaseSettings):
     # no prepared statements, no session state, no LISTEN through it. auto: true when the
     # port is 6543 or the host name contains "pooler".
     pooled: bool | Literal["auto"] = Field(default="auto", alias="QUEUE_PROCESSOR_POOLED")
-    # A direct address for the worker's LISTEN (behind a pooler; without it a pooled worker
-    # polls every QUEUE_PROCESSOR_POLL_SECONDS).
-    listen_url: SecretStr | None = Field(default=None, alias="QUEUE_PROCESSOR_LISTEN_URL")
+    # The database's direct address behind a pooler: LISTEN and index builds (CREATE INDEX
+    # CONCURRENTLY) use it; without it a pooled worker polls every QUEUE_PROCESSOR_POLL_SECONDS
+    # and builds no index.
+    direct_url: SecretStr | None = Field(default=None, alias="QUEUE_PROCESSOR_DIRECT_URL")
     # The worker's sessions (or, pooled, transactions) run with these, so a stuck statement
     # or an abandoned transaction never holds row locks for long; 0 keeps the server's
     # setting. 300 s: far above a claim or the write of a large batch (milliseconds to

@@ -49,30 +49,36 @@ def resolve_dsn(settings: Settings) -> str:
 
 def open_database(settings: Settings, *, max_size: int = 1) -> Database:
     """A (not yet opened) Database for an operator command: the configured DSN and schema,
-    ``max_size`` connections, the server's timeouts."""
+    ``max_size`` connections, the server's timeouts, QUEUE_PROCESSOR_DIRECT_URL for index
+    builds behind a pooler."""
     dsn = resolve_dsn(settings)
     return Database(
         dsn,
         schema=settings.queue_schema,
         max_size=max_size,
         pooled=is_pooled(settings, dsn),
+        direct_dsn=direct_dsn(settings),
     )
 
 
 def open_worker_database(settings: Settings, config: WorkerConfig) -> Database:
     """A (not yet opened) Database for the worker: its pool (``worker_pool_size``), its
-    timeouts, and QUEUE_PROCESSOR_LISTEN_URL for LISTEN when set."""
+    timeouts, and QUEUE_PROCESSOR_DIRECT_URL for LISTEN and index builds when set."""
     dsn = resolve_dsn(settings)
-    listen = settings.listen_url.get_secret_value() if settings.listen_url is not None else None
     return Database(
         dsn,
         schema=settings.queue_schema,
         max_size=worker_pool_size(settings, config.concurrency),
         pooled=is_pooled(settings, dsn),
-        listen_dsn=listen,
+        direct_dsn=direct_dsn(settings),
         statement_timeout_seconds=settings.statement_timeout_seconds,
         idle_in_transaction_timeout_seconds=settings.idle_in_transaction_timeout_seconds,
     )
+
+
+def direct_dsn(settings: Settings) -> str | None:
+    """QUEUE_PROCESSOR_DIRECT_URL: the database's direct address (behind a pooler)."""
+    return settings.direct_url.get_secret_value() if settings.direct_url is not None else None
 
 
 def worker_pool_size(settings: Settings, concurrency: int) -> int:

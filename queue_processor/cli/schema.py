@@ -163,36 +163,52 @@ async def wait_and_build(
     wait for the worker that builds it); PermanentError if the build failed."""
     owner = f"build-index:{default_owner()}"
     announced = False
-    while True:
-        result = await queue.build_next_index(
-            db,
-            owner=owner,
-            lease_seconds=settings.lease_seconds,
-            memory_cap_mb=settings.index_build_memory_mb,
-            table_name=target.table_name,
-            column=target.embedding_column,
-        )
-        if result is not None and result.state != "pending":
-            if result.state == "failed":
-                raise PermanentError(f"index {result.build.index_name}: {result.error}")
-            out(
-                f"index {result.build.index_name} is ready (built in {result.seconds:.1f} s "
-                f"with maintenance_work_mem {result.memory_mb} MB)"
-            )
-            return
-        [build] = await queue.index_builds(db, target.table_name, target.embedding_column)
-        if build["state"] == "ready":
-            out(f"index {build['index_name']} is ready")
-            return
-        if build["state"] == "failed":
-            raise PermanentError(f"index {build['index_name']}: {build['error_message']}")
-        if not announced:
-            out(
-                f"waiting for the backlog of {target.table_name}.{target.embedding_column} to "
-                "be embedded (a worker must be running), then building its index..."
-            )
+    # Behind a transaction pooler the build (CREATE INDEX CONCURRENTLY) goes to the direct
+    # address, or this says which setting is missing before it waits for anything.
+    async with db.direct() as direct:
+        while not await _build_or_report(direct, db, target, settings, owner, announced):
             announced = True
-        await anyio.sleep(poll_seconds)
+            await anyio.sleep(poll_seconds)
+
+
+async def _build_or_report(
+    direct: Database,
+    db: Database,
+    target: Target,
+    settings: Settings,
+    owner: str,
+    announced: bool,
+) -> bool:
+    """One round of ``wait_and_build``: True once the index is ready (built here or by a
+    worker), False while its backlog is still being embedded."""
+    result = await queue.build_next_index(
+        direct,
+        owner=owner,
+        lease_seconds=settings.lease_seconds,
+        memory_cap_mb=settings.index_build_memory_mb,
+        table_name=target.table_name,
+        column=target.embedding_column,
+    )
+    if result is not None and result.state != "pending":
+        if result.state == "failed":
+            raise PermanentError(f"index {result.build.index_name}: {result.error}")
+        out(
+            f"index {result.build.index_name} is ready (built in {result.seconds:.1f} s "
+            f"with maintenance_work_mem {result.memory_mb} MB)"
+        )
+        return True
+    [build] = await queue.index_builds(db, target.table_name, target.embedding_column)
+    if build["state"] == "ready":
+        out(f"index {build['index_name']} is ready")
+        return True
+    if build["state"] == "failed":
+        raise PermanentError(f"index {build['index_name']}: {build['error_message']}")
+    if not announced:
+        out(
+            f"waiting for the backlog of {target.table_name}.{target.embedding_column} to "
+            "be embedded (a worker must be running), then building its index..."
+        )
+    return False
 
 
 async def cmd_build_index(args: argparse.Namespace, settings: Settings) -> int:

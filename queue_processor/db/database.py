@@ -36,8 +36,10 @@ class Database:
     """A connection pool bound to one queue schema.
 
     Use as ``async with Database(dsn) as db:``; closing waits for connections to be returned.
-    ``pooled``: ``dsn`` is a transaction-mode pooler (see session.py). ``listen_dsn``: a
-    direct address for LISTEN (default ``dsn`` unless pooled: then the worker polls).
+    ``pooled``: ``dsn`` is a transaction-mode pooler (see session.py). ``direct_dsn``: the
+    database's direct address, bypassing the pooler (default ``dsn`` unless pooled), for
+    LISTEN and for what cannot run through a pooler (``direct``: CREATE INDEX
+    CONCURRENTLY); pooled without one, the worker polls and builds no index.
     The timeouts (seconds, 0 = the server's setting) apply to every session or, pooled, to
     every transaction: the worker sets them, operator commands do not.
     """
@@ -52,7 +54,7 @@ class Database:
         application_name: str = "queue_processor",
         connect_timeout_seconds: float = 10.0,
         pooled: bool = False,
-        listen_dsn: str | None = None,
+        direct_dsn: str | None = None,
         statement_timeout_seconds: float = 0.0,
         idle_in_transaction_timeout_seconds: float = 0.0,
     ) -> None:
@@ -72,7 +74,7 @@ class Database:
             idle_in_transaction_timeout_seconds=idle_in_transaction_timeout_seconds,
         )
         self._dsn = dsn
-        self._listen_dsn = listen_dsn if listen_dsn is not None or pooled else dsn
+        self._direct_dsn = direct_dsn if direct_dsn is not None or pooled else dsn
         self._application_name = application_name
         self._connect_timeout_seconds = connect_timeout_seconds
         self._pool = AsyncConnectionPool(
@@ -100,7 +102,37 @@ class Database:
     @property
     def listens(self) -> bool:
         """Whether ``listen`` can receive notifications: there is a direct address for it."""
-        return self._listen_dsn is not None
+        return self._direct_dsn is not None
+
+    @asynccontextmanager
+    async def direct(self, *, max_size: int = 2) -> AsyncIterator[Database]:
+        """A Database for work that cannot go through a transaction pooler: a statement that
+        may not run inside a transaction block (CREATE INDEX CONCURRENTLY) beside session
+        settings that must hold for it (maintenance_work_mem). This one when connected
+        directly; behind a pooler one on the direct address, opened here and closed after
+        (``max_size`` connections at most); ConfigurationError when there is none."""
+        if not self.pooled:
+            yield self
+            return
+        if self._direct_dsn is None:
+            raise ConfigurationError(
+                "this needs a direct connection to the database (CREATE INDEX CONCURRENTLY "
+                "cannot run through a transaction pooler): set QUEUE_PROCESSOR_DIRECT_URL to "
+                "the database's direct address (on Supabase: db.PROJECT.supabase.co:5432)"
+            )
+        direct = Database(
+            self._direct_dsn,
+            schema=self.schema,
+            min_size=1,
+            max_size=max_size,
+            application_name=f"{self._application_name}-direct",
+            connect_timeout_seconds=self._connect_timeout_seconds,
+            pooled=False,
+            statement_timeout_seconds=self.policy.statement_timeout_seconds,
+            idle_in_transaction_timeout_seconds=self.policy.idle_in_transaction_timeout_seconds,
+        )
+        async with direct:
+            yield direct
 
     def _connect_kwargs(self, application_name: str) -> dict[str, Any]:
         return {
@@ -191,11 +223,11 @@ class Database:
         drops or cannot be made (the caller backs off and listens again), ConfigurationError
         when connecting says our settings are wrong, or when there is no direct address
         (``listens`` is False: a LISTEN through a transaction pooler never hears a NOTIFY)."""
-        if self._listen_dsn is None:
+        if self._direct_dsn is None:
             raise ConfigurationError("no direct address to LISTEN on behind a transaction pooler")
         try:
             conn = await psycopg.AsyncConnection.connect(
-                self._listen_dsn,
+                self._direct_dsn,
                 autocommit=True,
                 **self._connect_kwargs(f"{self._application_name}-listen"),
             )

@@ -125,6 +125,13 @@ async def want_index(db: Database, target: Target, spec: IndexSpec, state: Index
         )
 
 
+async def index_build_wanted(db: Database) -> bool:
+    """Whether any wanted index waits for a build (one cheap query of the registry)."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(conn, db.statement("index_build_wanted"))
+    return bool(row and row["wanted"])
+
+
 async def index_builds(
     db: Database, table_name: str | None = None, column: str | None = None
 ) -> list[Row]:

@@ -97,8 +97,9 @@ async def in_progress(db: Database) -> list[Row]:
 
 async def build_shadow_index(db: Database, current: Target, shadow: Target) -> str | None:
     """If ``current``'s column has an HNSW index, build the same kind on ``shadow``'s (without
-    blocking writes: CREATE INDEX CONCURRENTLY) and return its name; else None."""
-    async with db.connection(autocommit=True) as conn:
+    blocking writes: CREATE INDEX CONCURRENTLY, on the direct address behind a transaction
+    pooler: ``Database.direct``) and return its name; else None."""
+    async with db.connection() as conn:
         found = await db.fetch_one(
             conn,
             db.statement("hnsw_opclass"),
@@ -112,10 +113,11 @@ async def build_shadow_index(db: Database, current: Target, shadow: Target) -> s
             return None
         ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         assert ext is not None
-        name = f"{shadow.relation_name}_{shadow.embedding_column}_hnsw_idx"[:63]
-        await db.execute(
+    name = f"{shadow.relation_name}_{shadow.embedding_column}_hnsw_idx"[:63]
+    async with db.direct(max_size=1) as direct, direct.connection(autocommit=True) as conn:
+        await direct.execute(
             conn,
-            db.statement(
+            direct.statement(
                 "create_hnsw_index_concurrently",
                 index=name,
                 table=(shadow.schema_name, shadow.relation_name),

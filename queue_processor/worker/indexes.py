@@ -6,6 +6,11 @@ empty. Builds are claimed in the database (a lease, SKIP LOCKED), so among many 
 exactly one builds each index; the others keep embedding. A build that fails (e.g. the
 worker's role does not own the table) is recorded as failed with its error, and the worker
 goes on. No SQL here: ``queue.build_next_index`` runs the build.
+
+CREATE INDEX CONCURRENTLY cannot go through a transaction pooler, so a pooled worker builds
+on the database's direct address (``Database.direct``, QUEUE_PROCESSOR_DIRECT_URL), connecting
+only when a build is wanted; without that address it says once that it builds none (the
+operator runs ``build-index`` with a direct DATABASE_URL) and keeps embedding.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import structlog
 
 from queue_processor import queue
 from queue_processor.db import Database
-from queue_processor.errors import DatabaseUnavailable, StatementFailed
+from queue_processor.errors import ConfigurationError, DatabaseUnavailable, StatementFailed
 from queue_processor.models import IndexBuildResult
 from queue_processor.worker.config import WorkerConfig
 
@@ -28,19 +33,28 @@ class IndexBuilder:
     def __init__(self, db: Database, config: WorkerConfig) -> None:
         self._db = db
         self._config = config
+        self._no_direct_address = False
 
     @property
     def enabled(self) -> bool:
-        """False when this worker builds no indexes (index_check_seconds = 0)."""
-        return self._config.index_check_seconds > 0
+        """False when this worker builds no indexes (index_check_seconds = 0, or it is
+        pooled without a direct address)."""
+        return self._config.index_check_seconds > 0 and not self._no_direct_address
 
     async def build_due(self) -> list[IndexBuildResult]:
-        """Build every index that is due now, one after another; their results."""
+        """Build every index that is due now, one after another; their results.
+        ConfigurationError when pooled without a direct address and a build is wanted."""
+        if self._db.pooled and not await queue.index_build_wanted(self._db):
+            return []
+        async with self._db.direct() as db:
+            return await self._build_due_on(db)
+
+    async def _build_due_on(self, db: Database) -> list[IndexBuildResult]:
         cfg = self._config
         results: list[IndexBuildResult] = []
         while True:
             result = await queue.build_next_index(
-                self._db,
+                db,
                 owner=cfg.owner,
                 lease_seconds=cfg.lease_seconds,
                 memory_cap_mb=cfg.index_build_memory_mb,
@@ -54,7 +68,7 @@ class IndexBuilder:
     async def run_periodically(self) -> None:
         """Look for due builds every ``index_check_seconds``, until cancelled (a side task
         of the worker: cancelling it cancels a build in progress, which is given back)."""
-        while True:
+        while self.enabled:
             await anyio.sleep(self._config.index_check_seconds)
             await self.check()
 
@@ -65,3 +79,12 @@ class IndexBuilder:
             await self.build_due()
         except (DatabaseUnavailable, StatementFailed) as exc:
             log.warning("index_check_failed", error=str(exc))
+        except ConfigurationError as exc:
+            self._no_direct_address = True
+            log.warning(
+                "index_builds_skipped",
+                error=str(exc),
+                note="wanted indexes stay pending: run `queue-processor build-index TABLE` "
+                "with DATABASE_URL set to the direct address, or restart the worker with "
+                "QUEUE_PROCESSOR_DIRECT_URL",
+            )

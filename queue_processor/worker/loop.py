@@ -412,7 +412,7 @@ class Worker:
             "listen_unavailable",
             poll_interval_seconds=poll_s,
             note=f"no LISTEN through a transaction pooler: new work is found by polling every "
-            f"{poll_s:g} s; QUEUE_PROCESSOR_LISTEN_URL (a direct address) wakes it at once",
+            f"{poll_s:g} s; QUEUE_PROCESSOR_DIRECT_URL (a direct address) wakes it at once",
         )
 
     async def _listen_loop(self) -> None:

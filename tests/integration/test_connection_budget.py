@@ -3,7 +3,7 @@
 A worker (``queue-processor run``) opens at most ``pool + 1`` connections: its pool
 (QUEUE_PROCESSOR_POOL_SIZE, default ``max(4, 2 * concurrency + 2)``; the queue-depth poller
 of ``--metrics-port`` shares it) and one LISTEN connection (none behind a pooler without
-QUEUE_PROCESSOR_LISTEN_URL). Counted in pg_stat_activity while a busy worker drains a queue
+QUEUE_PROCESSOR_DIRECT_URL). Counted in pg_stat_activity while a busy worker drains a queue
 (several batches embedding and writing at once, with the embedding cache's lookups and the
 metrics poller), directly connected. Every line it logs is JSON, psycopg's own included.
 """

@@ -87,9 +87,7 @@ def test_pooled_worker_rides_out_a_database_restart(
     # (a claim, a batch waiting for a connection, a lease renewal): any one will do, but
     # one it must log. psycopg's own log lines (logger "psycopg...") do not count.
     warnings = [
-        e
-        for e in worker.events()
-        if e.get("level") in ("warning", "error") and "logger" not in e
+        e for e in worker.events() if e.get("level") in ("warning", "error") and "logger" not in e
     ]
     assert warnings, f"the outage went unnoticed:\n{worker.tail()}"
     assert_no_prepared_statement_errors(worker.output())

@@ -163,10 +163,10 @@ def test_kill_9_during_a_pooled_drain_then_a_new_worker_finishes(
     assert twice == [], f"rows written more than once: {twice[:10]}"
 
 
-def test_listen_url_wakes_a_pooled_worker_at_once(
+def test_direct_url_wakes_a_pooled_worker_at_once(
     dsn: str, pooled_dsn: str, fake: FakeOpenAIServer, workers: Workers
 ) -> None:
-    """Behind a pooler LISTEN needs a direct connection: with QUEUE_PROCESSOR_LISTEN_URL (the
+    """Behind a pooler LISTEN needs a direct connection: with QUEUE_PROCESSOR_DIRECT_URL (the
     database's direct address) a single insert is embedded at once, not at the next poll
     (30 s here)."""
     poll_s = 30
@@ -177,7 +177,7 @@ def test_listen_url_wakes_a_pooled_worker_at_once(
             pooled_dsn,
             fake,
             QUEUE_PROCESSOR_POLL_SECONDS=poll_s,
-            QUEUE_PROCESSOR_LISTEN_URL=dsn,
+            QUEUE_PROCESSOR_DIRECT_URL=dsn,
         ),
     )
     wait_for(
@@ -203,7 +203,7 @@ def test_listen_url_wakes_a_pooled_worker_at_once(
     assert worker.events("listen_unavailable") == []  # it has a way to listen
 
 
-def test_pooled_worker_without_listen_url_says_once_that_it_polls(
+def test_pooled_worker_without_direct_url_says_once_that_it_polls(
     dsn: str, pooled_dsn: str, pgbouncer: PgBouncer, fake: FakeOpenAIServer, workers: Workers
 ) -> None:
     """Without a direct address for LISTEN, a pooled worker logs one line at start that new

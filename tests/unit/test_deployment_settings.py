@@ -23,7 +23,7 @@ def clean_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (
         "DATABASE_URL",
         "QUEUE_PROCESSOR_POOLED",
-        "QUEUE_PROCESSOR_LISTEN_URL",
+        "QUEUE_PROCESSOR_DIRECT_URL",
         "QUEUE_PROCESSOR_POOL_SIZE",
         "QUEUE_PROCESSOR_STATEMENT_TIMEOUT_SECONDS",
         "QUEUE_PROCESSOR_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS",
@@ -78,7 +78,7 @@ def test_queue_processor_pooled_refuses_other_values(monkeypatch: pytest.MonkeyP
 def test_the_worker_database_takes_the_deployment_settings() -> None:
     settings = Settings(
         DATABASE_URL=SecretStr(SUPABASE_POOLER),
-        QUEUE_PROCESSOR_LISTEN_URL=SecretStr("postgresql://u@db.example.com:5432/app"),
+        QUEUE_PROCESSOR_DIRECT_URL=SecretStr("postgresql://u@db.example.com:5432/app"),
     )
     assert settings.statement_timeout_seconds == 300
     assert settings.idle_in_transaction_timeout_seconds == 60
@@ -91,7 +91,7 @@ def test_the_worker_database_takes_the_deployment_settings() -> None:
     assert worker_pool_size(settings.model_copy(update={"pool_max_size": 3}), 3) == 3
 
 
-def test_a_pooled_worker_without_a_listen_url_does_not_listen() -> None:
+def test_a_pooled_worker_without_a_direct_url_does_not_listen() -> None:
     settings = Settings(DATABASE_URL=SecretStr(SUPABASE_POOLER))
     db = open_worker_database(settings, worker_config())
     assert (db.pooled, db.listens) == (True, False)
