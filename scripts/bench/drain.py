@@ -42,9 +42,12 @@ def drain_in_process(
     batch_size: int,
     concurrency: int,
     probe: CpuProbe | None = None,
+    *,
+    pooled: bool = False,
 ) -> Drain:
     """Worker.run('drain') in this process; the clock (and the CPU probe) covers only the
-    run: the pool is open and a local model loaded before it starts."""
+    run: the pool is open and a local model loaded before it starts. ``pooled``: ``dsn`` is
+    a transaction-mode pooler's (QUEUE_PROCESSOR_POOLED=true)."""
 
     async def run() -> Drain:
         config = dataclasses.replace(
@@ -54,7 +57,7 @@ def drain_in_process(
             owner="bench",
         )
         async with (
-            Database(dsn, max_size=max(4, concurrency * 2 + 2)) as db,
+            Database(dsn, max_size=max(4, concurrency * 2 + 2), pooled=pooled) as db,
             provider_factory() as provider,
         ):
             load = getattr(provider, "load", None)
