@@ -198,7 +198,6 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
             )
         )
     lines.extend(plain(index_line(row)) for row in report.indexes)
-    lines.extend(plain(index_line(row)) for row in report.indexes)
     for row in report.usage:
         price = price_per_million(row["model"], price_override)
         tokens = int(row["tokens_total"] or 0)

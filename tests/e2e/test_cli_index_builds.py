@@ -86,9 +86,9 @@ def test_a_backlog_at_the_threshold_gets_its_index_after_the_drain(
         INDEX,
         "vector_cosine_ops",
     )
-    assert "pending: built once the target's queued rows are embedded" in (
-        ok(run_cli(["status"], env)).stdout
-    )
+    status = ok(run_cli(["status"], env)).stdout
+    assert "pending: built once the target's queued rows are embedded" in status
+    assert status.count(f"index {INDEX} on articles.embedding") == 1, status  # one line each
     # A search works meanwhile, and says it scanned sequentially.
     found = ok(run_cli(["search", "articles", "article number 3", "-k", "2"], env))
     assert "sequential scan" in found.stdout
