@@ -3,13 +3,11 @@ transaction mode (QUEUE_PROCESSOR_POOLED: no prepared statements, every transact
 search_path and timeouts), against the instant fake OpenAI server; rows/s and the ratio.
 
 PgBouncer is Debian's ``pgbouncer`` (``.ci/run`` installs it; ``apt-get install pgbouncer``),
-started by the test suite's launcher (tests/support/pgbouncer.py) in front of the benchmark's
-server; the section says so and is skipped when the binary is missing."""
+started by the launcher the product ships for tests (``queue_processor.testing.pgbouncer``) in
+front of the benchmark's server; the section says so and is skipped when the binary is
+missing."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 from bench.cluster import check_drained
 from bench.config import DEFAULTS, DIMS
@@ -17,15 +15,10 @@ from bench.context import Context
 from bench.drain import drain_in_process, openai_factory
 from bench.processes import FakeServer
 from bench.report import Line, median, progress
-
-REPO = Path(__file__).resolve().parents[2]
+from queue_processor.testing.pgbouncer import PgBouncer, PgBouncerMissing
 
 
 def run(ctx: Context) -> None:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from tests.support.pgbouncer import PgBouncer, PgBouncerMissing
-
     sizes, cluster = ctx.sizes, ctx.cluster
     rows = sizes.pipeline_rows
     template = cluster.loaded(ctx.corpus, rows)
