@@ -1,7 +1,7 @@
 """The worker: claim a batch, embed it, write the vectors, acknowledge; until stopped.
 
-- ``loop``    the ``Worker``: the claim loop, its slots, the side tasks (lease renewal,
-              LISTEN), stop / abort / wake
+- ``loop``    the ``Worker``: the claim loop, its slots, stop / abort / wake
+- ``side``    its side tasks (lease renewal, LISTEN) and its record in embedding_workers
 - ``batch``   one claimed batch -> a ``BatchReport`` (validation, the embed call, the write
               with its per-target fallback, retry scheduling)
 - ``report``  ``BatchReport`` and ``RunSummary``, the sum of a run's reports

@@ -9,8 +9,8 @@ slot pauses ``delay_ms`` after its batch finishes (the semantics of the seeds'
 once embedded, so the next batch embeds while this one is written; at most ``concurrency``
 batches write at once (the write slots).
 
-Side tasks run in the worker's task group so their death stops the worker loudly: lease
-renewal (a slow batch is not stolen), LISTEN (a new row wakes the loop at once; polling
+Side tasks (side.py) run in the worker's task group so their death stops the worker loudly:
+lease renewal (a slow batch is not stolen), LISTEN (a new row wakes the loop at once; polling
 is the fallback, and the only way behind a transaction pooler without a direct address) and
 index builds (worker/indexes.py: a wanted index whose backlog drained; a drain run builds
 them once the queue is empty). Stopping is a request: ``stop()`` ends claiming, in-flight
@@ -34,13 +34,13 @@ import anyio.abc
 import structlog
 
 from queue_processor import queue
-from queue_processor.backoff import backoff_seconds
 from queue_processor.db import Database
 from queue_processor.errors import ConfigurationError, DatabaseUnavailable
 from queue_processor.models import Claim, ClaimToken, QueueId
 from queue_processor.providers.base import EmbeddingProvider
+from queue_processor.worker import side
 from queue_processor.worker.batch import BatchProcessor
-from queue_processor.worker.binding import Serving, log_serving, serving
+from queue_processor.worker.binding import Serving
 from queue_processor.worker.config import RunMode, WorkerConfig
 from queue_processor.worker.indexes import IndexBuilder
 from queue_processor.worker.report import BatchObserver, BatchReport, RunSummary
@@ -49,13 +49,10 @@ from queue_processor.worker.task_errors import unwrapped_errors
 
 log = structlog.get_logger(__name__)
 
-NOTIFY_CHANNEL = "embedding_queue"
+NOTIFY_CHANNEL = side.NOTIFY_CHANNEL
 # How long a draining worker waits before claiming again while another worker expands a bulk
 # insert (an expansion of a few batches' keys takes tens of milliseconds).
 INBOX_WAIT_SECONDS = 0.05
-# After losing the database, claiming and LISTEN try again after 1 s, 2 s, 4 s, ... 30 s.
-RECONNECT_BASE_SECONDS = 1.0
-RECONNECT_MAX_SECONDS = 30.0
 
 
 class Worker:
@@ -150,23 +147,28 @@ class Worker:
             self._stop_event.set()
         self._claims_closed = False
         self.summary = RunSummary()
-        await self._announce()
+        self.serving = await side.announce(self._db, self._config, self.models)
         try:
             await self._run(mode)
         finally:
-            await self._forget()
+            await side.forget(self._db, self._config.owner)
         self.summary.finished_at = time.monotonic()
         return self.summary
 
     async def _run(self, mode: RunMode) -> None:
         with unwrapped_errors(), anyio.CancelScope() as run_scope:
             self._run_scope = run_scope
-            async with anyio.create_task_group() as side:
-                side.start_soon(self._renew_loop)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(
+                    side.renew_forever, self._db, self._config, self.models, self._inflight
+                )
                 if mode == "continuous":
-                    self._start_listening(side)
+                    if self._db.listens:
+                        tasks.start_soon(side.listen_forever, self._db, self.wake)
+                    else:
+                        side.say_polling(self._config)
                     if self._indexes.enabled:
-                        side.start_soon(self._indexes.run_periodically)
+                        tasks.start_soon(self._indexes.run_periodically)
                 async with anyio.create_task_group() as batches:
                     await self._claim_loop(batches, mode)
                     if self._stop_requested and self._inflight:
@@ -183,30 +185,7 @@ class Worker:
                     # Drained: build the wanted indexes whose backlog this was (a stop
                     # cancels the build, which is given back).
                     await self._until_stopped(self._indexes.check)
-                side.cancel_scope.cancel()
-
-    async def _announce(self) -> None:
-        """Record this worker and its models (for ``status``) and log which targets it serves
-        and which it leaves to workers of other models. A database outage here is no reason
-        not to start: the claim loop waits it out."""
-        try:
-            await queue.worker_seen(
-                self._db, self._config.owner, self.models, self._config.lease_seconds
-            )
-            self.serving = serving(await queue.list_targets(self._db), self.models)
-        except DatabaseUnavailable as exc:
-            log.warning("worker_targets_unknown", error=str(exc))
-            return
-        log_serving(self.serving)
-
-    async def _forget(self) -> None:
-        """Remove this worker from the running workers (bounded, shielded: it runs while
-        the run ends, maybe cancelled)."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            try:
-                await queue.worker_gone(self._db, self._config.owner)
-            except DatabaseUnavailable as exc:
-                log.warning("worker_gone_failed", error=str(exc))
+                tasks.cancel_scope.cancel()
 
     async def _claim_loop(self, batches: anyio.abc.TaskGroup, mode: RunMode) -> None:
         # Only this loop takes slots; a batch gives its slot back (see _run_batch).
@@ -222,11 +201,7 @@ class Worker:
                     result = await self._claim()
                 except DatabaseUnavailable as exc:
                     failures += 1
-                    wait_s = backoff_seconds(
-                        failures,
-                        base_seconds=RECONNECT_BASE_SECONDS,
-                        max_seconds=RECONNECT_MAX_SECONDS,
-                    )
+                    wait_s = side.reconnect_wait(failures)
                     log.warning("claim_failed", error=str(exc), retry_in_s=wait_s)
                     await self._sleep(wait_s)
                     continue
@@ -383,52 +358,6 @@ class Worker:
                 return
             self.summary.released += released
             log.info("claims_released", items=released)
-
-    # --- side tasks --------------------------------------------------------------------
-
-    async def _renew_loop(self) -> None:
-        interval = max(0.05, self._config.lease_seconds / 3)
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await queue.worker_seen(
-                    self._db, self._config.owner, self.models, self._config.lease_seconds
-                )
-            except DatabaseUnavailable as exc:
-                log.warning("worker_seen_failed", error=str(exc))
-            for token, ids in list(self._inflight.items()):
-                try:
-                    await queue.renew_leases(self._db, token, ids, self._config.lease_seconds)
-                except DatabaseUnavailable as exc:
-                    log.warning("lease_renewal_failed", error=str(exc))
-
-    def _start_listening(self, side: anyio.abc.TaskGroup) -> None:
-        """LISTEN in a side task, or (behind a pooler, no direct address) say once: we poll."""
-        if self._db.listens:
-            side.start_soon(self._listen_loop)
-            return
-        poll_s = self._config.poll_interval_seconds
-        log.info(
-            "listen_unavailable",
-            poll_interval_seconds=poll_s,
-            note=f"no LISTEN through a transaction pooler: new work is found by polling every "
-            f"{poll_s:g} s; QUEUE_PROCESSOR_DIRECT_URL (a direct address) wakes it at once",
-        )
-
-    async def _listen_loop(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self._db.listen(NOTIFY_CHANNEL, self.wake)
-            except DatabaseUnavailable as exc:
-                failures += 1
-                wait_s = backoff_seconds(
-                    failures, base_seconds=RECONNECT_BASE_SECONDS, max_seconds=RECONNECT_MAX_SECONDS
-                )
-                log.warning("listen_failed", error=str(exc), retry_in_s=wait_s)
-                await anyio.sleep(wait_s)
-            else:
-                failures = 0
 
     # --- waiting helpers ---------------------------------------------------------------
 
