@@ -36,7 +36,8 @@ from queue_processor import queue
 from queue_processor.db import Database, Query, Row, Slot, float4_array, statement, type_modifier
 from queue_processor.errors import ConfigurationError, PermanentError, StatementFailed
 from queue_processor.migrations import migrate
-from queue_processor.providers.base import EmbeddingProvider, Vector
+from queue_processor.providers.base import EmbeddingProvider
+from queue_processor.providers.packing import Vector
 from queue_processor.worker import BatchReport, RunSummary, Worker, WorkerConfig
 
 TABLE = "public.demo_documents"

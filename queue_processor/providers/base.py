@@ -10,33 +10,35 @@ either a vector or a permanent error message. Whole-call failures are exceptions
 ``BatchingProvider`` is the skeleton the real backends share, after pgai's ``BatchApiCaller``:
 it de-duplicates, rejects what no backend can take, packs requests by count and token budget,
 fans them out, validates every vector and assembles the aligned result; a subclass only
-embeds one packed request (and may load or close something).
+embeds one packed request (and may load or close something). The pure steps (dedupe,
+packing, vector checks) live in ``packing``.
 """
 
 from __future__ import annotations
 
 import abc
-import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import ClassVar, Self, TypeAlias
+from typing import ClassVar, Self
 
 import anyio
 import anyio.to_thread
-import numpy as np
-import numpy.typing as npt
 import structlog
 
 from queue_processor.errors import ConfigurationError, ProviderUnavailable
+from queue_processor.providers.packing import (
+    Vector,
+    dedupe,
+    pack_requests,
+    require,
+    validate_vector,
+)
 from queue_processor.providers.tokens import ContextLimit, EstimateTokenizer, Tokenizer
 
 log = structlog.get_logger(__name__)
-
-Vector: TypeAlias = npt.NDArray[np.float32]
-"""A 1-D float32 embedding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,80 +360,3 @@ class _Call:
             requests=self.usage.requests,
             too_long=too_long,
         )
-
-
-def estimate_tokens(text: str) -> int:
-    """A cheap upper-ish token estimate: one token per 4 UTF-8 bytes, at least 1.
-
-    Real tokenizers average ~4 bytes per token for English; for packing requests under a
-    budget a slight overestimate is the safe side, and it avoids a tokenizer dependency.
-    """
-    return max(1, math.ceil(len(text.encode("utf-8", "surrogatepass")) / 4))
-
-
-def pack_requests(
-    texts: Sequence[str],
-    max_inputs: int,
-    max_tokens: int,
-    *,
-    count: Callable[[str], int] = estimate_tokens,
-) -> list[list[int]]:
-    """Group input indices, in order, into requests within both limits.
-
-    Each group has at most ``max_inputs`` inputs and at most ``max_tokens`` tokens as
-    ``count`` counts them (the provider's tokenizer), except that a single input over the
-    token budget gets a group of its own (the server decides whether it is too long).
-    """
-    if max_inputs < 1 or max_tokens < 1:
-        raise ValueError("max_inputs and max_tokens must be positive")
-    groups: list[list[int]] = []
-    current: list[int] = []
-    current_tokens = 0
-    for index, text in enumerate(texts):
-        tokens = max(1, count(text))
-        if current and (len(current) >= max_inputs or current_tokens + tokens > max_tokens):
-            groups.append(current)
-            current, current_tokens = [], 0
-        current.append(index)
-        current_tokens += tokens
-    if current:
-        groups.append(current)
-    return groups
-
-
-def dedupe(texts: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Collapse identical texts: returns ``(unique_texts, index_map)``.
-
-    ``unique_texts`` keeps first-occurrence order; ``index_map[i]`` is the position in
-    ``unique_texts`` of ``texts[i]``, used to fan results back out to every position.
-    """
-    positions: dict[str, int] = {}
-    unique: list[str] = []
-    index_map: list[int] = []
-    for text in texts:
-        position = positions.get(text)
-        if position is None:
-            position = positions[text] = len(unique)
-            unique.append(text)
-        index_map.append(position)
-    return unique, index_map
-
-
-def validate_vector(vec: Vector, expected_dims: int | None) -> str | None:
-    """Return why ``vec`` is unusable (wrong shape/dimension, non-finite value), else None."""
-    if vec.ndim != 1:
-        return f"provider returned a {vec.ndim}-dimensional array instead of a vector"
-    dims = int(vec.shape[0])
-    if dims == 0:
-        return "provider returned an empty vector"
-    if expected_dims is not None and dims != expected_dims:
-        return f"provider returned {dims} dimensions, expected {expected_dims}"
-    if not bool(np.isfinite(vec).all()):
-        return "provider returned a non-finite value (NaN or infinity)"
-    return None
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``ConfigurationError(message)`` unless ``condition``: for checking settings."""
-    if not condition:
-        raise ConfigurationError(message)

@@ -13,7 +13,8 @@ import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
-from queue_processor.providers.base import EmbeddingProvider, EmbedResult, Vector
+from queue_processor.providers.base import EmbeddingProvider, EmbedResult
+from queue_processor.providers.packing import Vector
 from queue_processor.providers.tokens import Tokenizer
 
 

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from queue_processor.errors import ConfigurationError
-from queue_processor.providers.base import require
+from queue_processor.providers.packing import require
 
 log = structlog.get_logger(__name__)
 

@@ -37,12 +37,8 @@ import numpy as np
 import structlog
 
 from queue_processor.errors import ConfigurationError, ProviderUnavailable, first_line
-from queue_processor.providers.base import (
-    BatchingProvider,
-    RequestResult,
-    Usage,
-    require,
-)
+from queue_processor.providers.base import BatchingProvider, RequestResult, Usage
+from queue_processor.providers.packing import require
 from queue_processor.providers.tokens import HFTokenizer
 
 log = structlog.get_logger(__name__)

@@ -35,13 +35,7 @@ import structlog
 from pydantic import SecretStr
 
 from queue_processor.errors import ConfigurationError, ProviderUnavailable
-from queue_processor.providers.base import (
-    BatchingProvider,
-    RequestResult,
-    Usage,
-    estimate_tokens,
-    require,
-)
+from queue_processor.providers.base import BatchingProvider, RequestResult, Usage
 from queue_processor.providers.http import (
     Answer,
     Redactor,
@@ -59,6 +53,7 @@ from queue_processor.providers.openai_protocol import (
     says_model_missing,
     usage_tokens,
 )
+from queue_processor.providers.packing import estimate_tokens, require
 from queue_processor.providers.ratelimit import RateLimiter
 from queue_processor.providers.tokens import context_limit, model_input_limit, openai_tokenizer
 

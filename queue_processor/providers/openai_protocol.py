@@ -15,8 +15,9 @@ from collections.abc import Callable
 import numpy as np
 import structlog
 
-from queue_processor.providers.base import RequestResult, Vector
+from queue_processor.providers.base import RequestResult
 from queue_processor.providers.http import Answer
+from queue_processor.providers.packing import Vector
 
 log = structlog.get_logger(__name__)
 

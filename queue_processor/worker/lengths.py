@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import structlog
 
 from queue_processor.models import LengthPolicy
-from queue_processor.providers.base import EmbeddingProvider, EmbedResult, Vector
+from queue_processor.providers.base import EmbeddingProvider, EmbedResult
+from queue_processor.providers.packing import Vector
 from queue_processor.providers.tokens import Tokenizer
 
 log = structlog.get_logger(__name__)

@@ -15,8 +15,9 @@ import pytest
 
 from queue_processor.backoff import backoff_seconds
 from queue_processor.errors import ProviderUnavailable
-from queue_processor.providers.base import EmbeddingProvider, EmbedResult, Vector
+from queue_processor.providers.base import EmbeddingProvider, EmbedResult
 from queue_processor.providers.cached import CachedProvider, content_hash
+from queue_processor.providers.packing import Vector
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from queue_processor.errors import ConfigurationError
-from queue_processor.providers.base import Vector, estimate_tokens
 from queue_processor.providers.local import (
     DEFAULT_LOCAL_MODEL,
     LocalProvider,
@@ -23,6 +22,7 @@ from queue_processor.providers.local import (
     local_available,
     resolve_model,
 )
+from queue_processor.providers.packing import Vector, estimate_tokens
 
 pytestmark = pytest.mark.anyio
 
