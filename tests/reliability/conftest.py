@@ -4,11 +4,10 @@ worker processes (see harness.py for the machinery and the checks)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.reliability.harness import ChaosServer, Workers
+from tests.reliability.harness import ChaosServer
 from tests.support.helpers import DIMS
 
 
@@ -17,13 +16,3 @@ def fake() -> Iterator[ChaosServer]:
     """An in-process fake OpenAI server (8-dim vectors) that worker subprocesses call."""
     with ChaosServer(dims=DIMS, seed=6) as srv:
         yield srv
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    """Worker process launcher; any process still running at teardown is killed."""
-    pool = Workers(tmp_path)
-    try:
-        yield pool
-    finally:
-        pool.cleanup()
