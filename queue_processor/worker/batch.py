@@ -33,6 +33,7 @@ from queue_processor.errors import PermanentError, StatementFailed, TransientErr
 from queue_processor.models import Claim, ClaimToken, ItemFailure, QueueId, QueueItem, Target
 from queue_processor.providers.base import EmbeddingProvider, EmbedResult
 from queue_processor.targets import parse_record_id
+from queue_processor.worker.chunks import Chunked, ChunkWork, embed_chunked, merged
 from queue_processor.worker.config import WorkerConfig
 from queue_processor.worker.lengths import Embedded, Fitted, TooLong, embed_fitted, fit
 from queue_processor.worker.report import BatchReport
@@ -107,20 +108,35 @@ class BatchProcessor:
         started = time.monotonic()
         targets = await self._targets.resolve(claim.items)
         work, failures = validate(claim.items, targets)
+        # Items of chunked targets: split, embed each chunk, write the sets (worker/chunks.py).
+        chunk_work = [w for w in work if w.target.chunked]
+        work = [w for w in work if not w.target.chunked]
+        try:
+            chunked = await self._chunked(chunk_work)
+        except TransientError as exc:
+            async with write_turn():
+                return await self._retry_later(claim, work + chunk_work, failures, exc, started)
+        failures += chunked.failures
         if self._providers:
-            return await self._process_routed(claim, work, failures, write_turn, started)
+            return await self._process_routed(
+                claim, work, failures, write_turn, started, chunked, chunk_work
+            )
         try:
             work, fitted, too_long = await self._fit(work)
             failures += too_long
             embedded = await self._embed(work, fitted)
         except TransientError as exc:
             async with write_turn():
-                return await self._retry_later(claim, work, failures, exc, started)
+                return await self._retry_later(claim, work + chunk_work, failures, exc, started)
         writes, rejected = match_vectors(work, embedded.as_result(), embedded.details)
         failures += rejected
-        usage = queue.Usage(self._config.owner, len(work), embedded.tokens, embedded.requests)
+        usage = [queue.Usage(self._config.owner, len(work), embedded.tokens, embedded.requests)]
+        if chunk_work:
+            usage.append(
+                queue.Usage(self._config.owner, len(chunk_work), chunked.tokens, chunked.requests)
+            )
         async with write_turn():
-            outcome = await self._complete(claim.token, writes, failures, usage)
+            outcome = await self._complete(claim.token, writes, failures, usage, chunked.writes)
         report = BatchReport(
             items=len(claim.items),
             done=len(outcome.done) - len(outcome.missing),
@@ -128,13 +144,26 @@ class BatchProcessor:
             skipped=len(outcome.missing),
             retried=0,
             lost=len(outcome.lost),
-            tokens=embedded.tokens,
-            requests=embedded.requests,
+            tokens=embedded.tokens + chunked.tokens,
+            requests=embedded.requests + chunked.requests,
             seconds=time.monotonic() - started,
-            cached=embedded.cached,
+            cached=embedded.cached + chunked.cached,
         )
         _log_written(report, failures, outcome)
         return report
+
+    async def _chunked(self, work: list[_Work]) -> Chunked:
+        """Split and embed the items of chunked targets, each with its model's provider."""
+        routes: dict[str, list[ChunkWork]] = {}
+        for w in work:
+            model = w.target.model if w.target.model in self._providers else None
+            routes.setdefault(model or "", []).append(ChunkWork(w.item, w.target, w.key))
+        parts = []
+        for model, part in routes.items():
+            provider = self._providers[model] if model else self._provider
+            named = provider.model if model else None
+            parts.append(await embed_chunked(provider, part, model=named))
+        return merged(parts)
 
     async def _fit(self, work: list[_Work]) -> tuple[list[_Work], list[Fitted], list[ItemFailure]]:
         """Apply each target's length policy (worker/lengths.py): the work that goes to the
@@ -183,6 +212,8 @@ class BatchProcessor:
         failures: list[ItemFailure],
         write_turn: WriteTurn,
         started: float,
+        chunked: Chunked,
+        chunk_work: list[_Work],
     ) -> BatchReport:
         """``process`` for a worker of several models: each target's items go to the
         provider of the target's model (the default provider for unbound targets), each
@@ -194,14 +225,18 @@ class BatchProcessor:
             routes.setdefault(model or "", []).append(w)
         writes: list[queue.Write] = []
         usages: list[queue.Usage] = []
-        tokens = requests = cached = 0
+        if chunk_work:
+            usages.append(
+                queue.Usage(self._config.owner, len(chunk_work), chunked.tokens, chunked.requests)
+            )
+        tokens, requests, cached = chunked.tokens, chunked.requests, chunked.cached
         for model, part in routes.items():
             provider = self._providers[model] if model else self._provider
             try:
                 embedded = await provider.embed([w.item.content or "" for w in part])
             except TransientError as exc:
                 async with write_turn():
-                    return await self._retry_later(claim, work, failures, exc, started)
+                    return await self._retry_later(claim, work + chunk_work, failures, exc, started)
             matched, rejected = match_vectors(part, embedded)
             writes += [dataclasses.replace(w, model=provider.model) for w in matched]
             failures += rejected
@@ -217,7 +252,7 @@ class BatchProcessor:
                 )
             )
         async with write_turn():
-            outcome = await self._complete(claim.token, writes, failures, usages)
+            outcome = await self._complete(claim.token, writes, failures, usages, chunked.writes)
         report = BatchReport(
             items=len(claim.items),
             done=len(outcome.done) - len(outcome.missing),
@@ -285,6 +320,7 @@ class BatchProcessor:
         writes: list[queue.Write],
         failures: list[ItemFailure],
         usage: queue.Usage | list[queue.Usage],
+        chunk_writes: Sequence[queue.ChunkWrite] = (),
     ) -> queue.CompleteResult:
         """Write and acknowledge the batch in one transaction. If Postgres rejects a write
         (a dropped column, a dimension check, permissions...), write each target on its own
@@ -299,26 +335,42 @@ class BatchProcessor:
                     failures,
                     model=self._provider.model,
                     usage=usage,
+                    chunk_writes=chunk_writes,
                 )
             )
         except StatementFailed as exc:
             log.warning("batch_write_failed", error=str(exc), note="retrying per target")
-        return await self._complete_per_target(token, writes, failures)
+        return await self._complete_per_target(token, writes, failures, chunk_writes)
 
     async def _complete_per_target(
-        self, token: ClaimToken, writes: list[queue.Write], failures: list[ItemFailure]
+        self,
+        token: ClaimToken,
+        writes: list[queue.Write],
+        failures: list[ItemFailure],
+        chunk_writes: Sequence[queue.ChunkWrite],
     ) -> queue.CompleteResult:
-        groups: dict[TargetKey, list[queue.Write]] = {}
-        for w in writes:
+        groups: dict[TargetKey, list[queue.Write | queue.ChunkWrite]] = {}
+        every: list[queue.Write | queue.ChunkWrite] = [*writes, *chunk_writes]
+        for w in every:
             groups.setdefault(w.target.key, []).append(w)
         done: list[QueueId] = []
         missing: list[QueueId] = []
         lost: list[QueueId] = []
         rejected = list(failures)
         for group in groups.values():
+            column = [w for w in group if isinstance(w, queue.Write)]
+            chunks = [w for w in group if isinstance(w, queue.ChunkWrite)]
             try:
                 part = await self._persist(
-                    partial(queue.complete, self._db, token, group, [], model=self._provider.model)
+                    partial(
+                        queue.complete,
+                        self._db,
+                        token,
+                        column,
+                        [],
+                        model=self._provider.model,
+                        chunk_writes=chunks,
+                    )
                 )
             except StatementFailed as exc:
                 rejected += [_write_rejected(w, exc) for w in group]
@@ -425,7 +477,7 @@ def _dims_mismatch(target: Target, got: int) -> str:
     )
 
 
-def _write_rejected(write: queue.Write, error: StatementFailed) -> ItemFailure:
+def _write_rejected(write: queue.Write | queue.ChunkWrite, error: StatementFailed) -> ItemFailure:
     target = write.target
     message = f"writing {target.table_name}.{target.embedding_column} failed: {error}"
     return ItemFailure(write.item, "write_rejected", message)
