@@ -54,6 +54,15 @@ class QueueItem:
     content: str | None
     attempts: int
     generation: int
+    # Set when the claim cut the content to QUEUE_PROCESSOR_MAX_CONTENT_CHARS: what the
+    # done item's detail says about it.
+    capped: str | None = None
+
+    def detail(self, written: str | None) -> str | None:
+        """The done item's detail: the claim's cut (if any), then ``written`` (the write's
+        own detail, e.g. "truncated to 8,191 of 23,125 tokens")."""
+        parts = [p for p in (self.capped, written) if p]
+        return "; ".join(parts) if parts else None
 
 
 @dataclass(frozen=True)

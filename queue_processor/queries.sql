@@ -877,6 +877,11 @@ SELECT best.id, best.chunk_index, best.chunk_text, best.distance
  ORDER BY best.distance
  LIMIT %(k)s;
 
+-- name: set_ef_search
+-- An HNSW scan returns at most hnsw.ef_search rows (default 40): let it return as many as
+-- search_chunks asks for (transaction-local).
+SELECT pg_catalog.set_config('hnsw.ef_search', %(ef_search)s::text, true);
+
 -- name: chunk_counts
 -- Chunks and records with chunks of one chunked target, for status.
 SELECT count(*) AS chunks, count(DISTINCT c.record_id) AS records FROM {schema}.{table} AS c;

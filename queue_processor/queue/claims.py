@@ -159,6 +159,12 @@ def _claimed_item(row: Row, max_content_chars: int) -> QueueItem:
         content=row["content"],
         attempts=int(row["attempts"]),
         generation=int(row["generation"]),
+        capped=(
+            f"content cut to its first {max_content_chars:,} characters at claim "
+            f"(QUEUE_PROCESSOR_MAX_CONTENT_CHARS; {int(row['content_bytes']):,} bytes stored)"
+            if row["content_capped"]
+            else None
+        ),
     )
     if row["content_capped"]:
         log.warning(
@@ -280,7 +286,7 @@ def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) 
         "qids": [w.item.id for w in group],
         "token": token,
         "model": group[0].model or model,
-        "details": [w.detail for w in group],
+        "details": [w.item.detail(w.detail) for w in group],
     }
     if group[0].target.column_type == "bytea":
         params["blobs"] = [targets.vector_bytes(w.vector) for w in group]

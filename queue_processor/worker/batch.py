@@ -18,7 +18,6 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -29,32 +28,27 @@ import structlog
 from queue_processor import queue
 from queue_processor.backoff import retry_database
 from queue_processor.db import Database
-from queue_processor.errors import PermanentError, StatementFailed, TransientError
+from queue_processor.errors import StatementFailed, TransientError
 from queue_processor.models import Claim, ClaimToken, ItemFailure, QueueId, QueueItem, Target
-from queue_processor.providers.base import EmbeddingProvider, EmbedResult
-from queue_processor.targets import parse_record_id
+from queue_processor.providers.base import EmbeddingProvider
 from queue_processor.worker.chunks import Chunked, ChunkWork, embed_chunked, merged
 from queue_processor.worker.config import WorkerConfig
+from queue_processor.worker.items import (
+    TargetKey,
+    Work,
+    log_written,
+    match_vectors,
+    validate,
+    write_rejected,
+)
 from queue_processor.worker.lengths import Embedded, Fitted, TooLong, embed_fitted, fit
 from queue_processor.worker.report import BatchReport
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-TargetKey = tuple[str, str]
 WriteTurn = Callable[[], AbstractAsyncContextManager[object]]
 """Entered around a batch's database work, once the provider is done with it."""
-
-_BLANK = " \t\n\r\f\v"
-
-
-@dataclass(frozen=True)
-class _Work:
-    """A valid item: where its vector goes, under which key."""
-
-    item: QueueItem
-    target: Target
-    key: str
 
 
 class TargetRegistry:
@@ -149,10 +143,10 @@ class BatchProcessor:
             seconds=time.monotonic() - started,
             cached=embedded.cached + chunked.cached,
         )
-        _log_written(report, failures, outcome)
+        log_written(report, failures, outcome)
         return report
 
-    async def _chunked(self, work: list[_Work]) -> Chunked:
+    async def _chunked(self, work: list[Work]) -> Chunked:
         """Split and embed the items of chunked targets, each with its model's provider."""
         routes: dict[str, list[ChunkWork]] = {}
         for w in work:
@@ -165,7 +159,7 @@ class BatchProcessor:
             parts.append(await embed_chunked(provider, part, model=named))
         return merged(parts)
 
-    async def _fit(self, work: list[_Work]) -> tuple[list[_Work], list[Fitted], list[ItemFailure]]:
+    async def _fit(self, work: list[Work]) -> tuple[list[Work], list[Fitted], list[ItemFailure]]:
         """Apply each target's length policy (worker/lengths.py): the work that goes to the
         provider, its texts, and the items that fail for their length."""
         if not work:
@@ -180,7 +174,7 @@ class BatchProcessor:
 
         # Counting long texts takes a while: off the event loop (lease renewal, LISTEN).
         outcomes = await anyio.to_thread.run_sync(fit_all)
-        kept: list[_Work] = []
+        kept: list[Work] = []
         fitted: list[Fitted] = []
         failures: list[ItemFailure] = []
         for w, outcome in zip(work, outcomes, strict=True):
@@ -194,7 +188,7 @@ class BatchProcessor:
             log.info("inputs_truncated", inputs=truncated, max_input_tokens=limit)
         return kept, fitted, failures
 
-    async def _embed(self, work: list[_Work], fitted: list[Fitted]) -> Embedded:
+    async def _embed(self, work: list[Work], fitted: list[Fitted]) -> Embedded:
         # A batch of invalid items only is acknowledged without a provider call.
         if not work:
             return Embedded([], {}, [], 0, 0, 0)
@@ -208,18 +202,18 @@ class BatchProcessor:
     async def _process_routed(
         self,
         claim: Claim,
-        work: list[_Work],
+        work: list[Work],
         failures: list[ItemFailure],
         write_turn: WriteTurn,
         started: float,
         chunked: Chunked,
-        chunk_work: list[_Work],
+        chunk_work: list[Work],
     ) -> BatchReport:
         """``process`` for a worker of several models: each target's items go to the
         provider of the target's model (the default provider for unbound targets), each
         vector is written with its model's name, and usage is recorded per model. A
         transient failure of any provider sends the whole batch back."""
-        routes: dict[str, list[_Work]] = {}
+        routes: dict[str, list[Work]] = {}
         for w in work:
             model = w.target.model if w.target.model in self._providers else None
             routes.setdefault(model or "", []).append(w)
@@ -265,13 +259,13 @@ class BatchProcessor:
             seconds=time.monotonic() - started,
             cached=cached,
         )
-        _log_written(report, failures, outcome)
+        log_written(report, failures, outcome)
         return report
 
     async def _retry_later(
         self,
         claim: Claim,
-        work: list[_Work],
+        work: list[Work],
         failures: list[ItemFailure],
         error: TransientError,
         started: float,
@@ -373,7 +367,7 @@ class BatchProcessor:
                     )
                 )
             except StatementFailed as exc:
-                rejected += [_write_rejected(w, exc) for w in group]
+                rejected += [write_rejected(w, exc) for w in group]
                 continue
             done += part.done
             missing += part.missing
@@ -385,99 +379,3 @@ class BatchProcessor:
         """Run a database operation, retrying through outages while our lease still stands
         (the renewal loop keeps it); after that the claim is lost anyway."""
         return await retry_database(op, within_seconds=self._config.lease_seconds)
-
-
-def validate(
-    items: Sequence[QueueItem], targets: dict[TargetKey, Target]
-) -> tuple[list[_Work], list[ItemFailure]]:
-    """Split claimed items into work for the provider and items that fail without it."""
-    work: list[_Work] = []
-    failures: list[ItemFailure] = []
-    for item in items:
-        target = targets.get((item.table_name, item.embedding_column))
-        if target is None:
-            failures.append(ItemFailure(item, "unregistered_target", _unregistered(item)))
-            continue
-        if item.content is None or not item.content.strip(_BLANK):
-            message = "content is empty (NULL or whitespace only); not embedded"
-            failures.append(ItemFailure(item, "empty_content", message))
-            continue
-        try:
-            key = parse_record_id(target, item.record_id)
-        except PermanentError as exc:
-            failures.append(ItemFailure(item, "invalid_record_id", str(exc)))
-            continue
-        work.append(_Work(item, target, key))
-    return work, failures
-
-
-def match_vectors(
-    work: Sequence[_Work], embedded: EmbedResult, details: Sequence[str | None] | None = None
-) -> tuple[list[queue.Write], list[ItemFailure]]:
-    """Pair each item with its vector (aligned with ``work``) and its detail (``details``,
-    aligned too: e.g. "truncated to 8,191 of 23,125 tokens"); items without a vector, or
-    with one that does not fit their column, fail."""
-    writes: list[queue.Write] = []
-    failures: list[ItemFailure] = []
-    for index, w in enumerate(work):
-        vector = embedded.vectors[index]
-        if vector is None:
-            message = embedded.errors.get(index, "provider returned no vector")
-            failures.append(ItemFailure(w.item, "provider_rejected", message))
-        elif w.target.dimensions is not None and vector.shape[0] != w.target.dimensions:
-            message = _dims_mismatch(w.target, int(vector.shape[0]))
-            failures.append(ItemFailure(w.item, "dimension_mismatch", message))
-        else:
-            detail = details[index] if details is not None else None
-            writes.append(queue.Write(w.item, w.target, w.key, vector, detail))
-    return writes, failures
-
-
-def _log_written(
-    report: BatchReport, failures: Sequence[ItemFailure], outcome: queue.CompleteResult
-) -> None:
-    for failure in failures:
-        if failure.item.id in outcome.failed:
-            item = failure.item
-            log.warning(
-                "item_failed",
-                queue_id=item.id,
-                table=item.table_name,
-                column=item.embedding_column,
-                record_id=item.record_id,
-                reason=failure.reason,
-                error=failure.message,
-            )
-    if outcome.lost:
-        log.info("claims_superseded", items=len(outcome.lost), note="nothing written")
-    log.info(
-        "batch_done",
-        items=report.items,
-        done=report.done,
-        skipped=report.skipped,
-        failed=report.failed,
-        lost=report.lost,
-        tokens=report.tokens,
-        requests=report.requests,
-        ms=round(report.seconds * 1000, 1),
-    )
-
-
-def _unregistered(item: QueueItem) -> str:
-    return (
-        f"unregistered target: {item.table_name[:100]!r}.{item.embedding_column[:100]!r} is not "
-        "in embedding_targets; nothing was executed"
-    )
-
-
-def _dims_mismatch(target: Target, got: int) -> str:
-    return (
-        f"model returned {got} dimensions but {target.table_name}.{target.embedding_column} "
-        f"holds {target.dimensions}"
-    )
-
-
-def _write_rejected(write: queue.Write | queue.ChunkWrite, error: StatementFailed) -> ItemFailure:
-    target = write.target
-    message = f"writing {target.table_name}.{target.embedding_column} failed: {error}"
-    return ItemFailure(write.item, "write_rejected", message)

@@ -29,6 +29,7 @@ SECTIONS = (
     "steady",
     "longtexts",
     "reembed",
+    "chunks",
 )
 MODEL = "text-embedding-3-small"
 DIMS = 768

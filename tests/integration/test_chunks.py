@@ -16,11 +16,13 @@ import anyio
 import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
 
 from queue_processor import queue
-from queue_processor.db import Database
+from queue_processor.db import Database, float4_array
 from queue_processor.providers.openai import OpenAIProvider
 from queue_processor.providers.tokens import openai_tokenizer
+from queue_processor.queue.chunks import search_statement
 from queue_processor.testing import FakeOpenAIServer, fake_vector
 from queue_processor.worker import Worker
 from queue_processor.worker.batch import BatchProcessor
@@ -322,6 +324,16 @@ async def test_search_returns_the_best_chunk_per_record(
         sum(len(c) for c in everything.values()),
         5,
     )
+    # The query's form lets the HNSW index serve it (with 30 chunks the planner would rather
+    # sort: seqscans off shows what it does on a large table).
+    async with db.connection() as conn:
+        await db.execute(conn, sql.SQL("SET LOCAL enable_seqscan = off"))
+        plan = await db.fetch_all(
+            conn,
+            sql.SQL("EXPLAIN ") + search_statement(target, "public"),
+            {"query": float4_array(query), "k": 3, "candidates": 30},
+        )
+    assert "Index Scan using docs_body_chunks_hnsw" in "\n".join(r["QUERY PLAN"] for r in plan)
 
 
 async def test_unregister_drops_the_chunks_table(
