@@ -32,6 +32,7 @@ _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
 _SENTENCE = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*(?=\s)|[\u3002\uff01\uff1f]+")
 _SPACE = re.compile(r"\s")
 _WS = " \t\n\r\f\v"
+_MAX_TOKEN_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,16 @@ def split(text: str, tokenizer: Tokenizer, *, size: int, overlap: int, max_chunk
         window = _window_end(text, pos, tokenizer, size)
         end = n if window >= n else _boundary(text, pos, window)
         piece = text[pos:end].strip(_WS)
-        if end != window and tokenizer.count(piece) > size:
-            end = window  # the shorter cut counted more tokens alone (a BPE merge): keep the window
+        tokens = tokenizer.count(piece)
+        if tokens > size and end != window:
+            # The shorter cut counted more tokens alone (a BPE merge): keep the window.
+            end = window
             piece = text[pos:end].strip(_WS)
-        if tokenizer.count(piece) > size:
+            tokens = tokenizer.count(piece)
+        if tokens > size:
+            # Stripping changed the merges: keep what fits; the rest starts the next chunk.
             piece = tokenizer.truncate(piece, size)
+            end = _skip_space(text, pos) + len(piece)
         if piece:
             texts.append(piece)
         covered = end
@@ -118,7 +124,9 @@ def _overlap_start(text: str, pos: int, end: int, tokenizer: Tokenizer, overlap:
     a space follows within the overlap)."""
     if overlap <= 0:
         return end
-    low, high = pos + 1, end
+    # No token of ours spans more than _MAX_TOKEN_CHARS characters in prose, so the overlap
+    # starts within overlap * that of the end; a longer token only makes the overlap shorter.
+    low, high = max(pos + 1, end - overlap * _MAX_TOKEN_CHARS), end
     while low < high:
         mid = (low + high) // 2
         if tokenizer.count(text[mid:end]) <= overlap:

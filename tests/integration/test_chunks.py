@@ -218,6 +218,9 @@ async def test_a_column_target_and_a_chunked_one_cannot_share_a_name(dsn: str) -
         )
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="is chunked"):
         execute(dsn, "SELECT embedding_target_set_length_policy('docs', 'body', 'fail')")
+    execute(dsn, "SELECT embedding_bind_target('docs', 'body', 'm1')")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="is chunked"):
+        execute(dsn, "SELECT embedding_reembed_start('docs', 'body', 'm2')")
 
 
 async def test_insert_update_delete_keep_each_record_s_chunk_set_current(
