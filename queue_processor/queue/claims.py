@@ -161,7 +161,7 @@ def _claimed_item(row: Row, max_content_chars: int) -> QueueItem:
         generation=int(row["generation"]),
         capped=(
             f"content cut to its first {max_content_chars:,} characters at claim "
-            f"(QUEUE_PROCESSOR_MAX_CONTENT_CHARS; {int(row['content_bytes']):,} bytes stored)"
+            f"(QUEUE_PROCESSOR_MAX_CONTENT_CHARS: {int(row['content_bytes']):,} bytes stored)"
             if row["content_capped"]
             else None
         ),

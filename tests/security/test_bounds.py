@@ -116,7 +116,7 @@ async def test_worker_embeds_the_cut_text_of_an_oversized_row(
     details = {r["record_id"]: r["detail"] for r in execute(dsn, "SELECT * FROM embedding_queue")}
     cut = (
         f"content cut to its first 2,000 characters at claim "
-        f"(QUEUE_PROCESSOR_MAX_CONTENT_CHARS; {BIG_CHARS:,} bytes stored)"
+        f"(QUEUE_PROCESSOR_MAX_CONTENT_CHARS: {BIG_CHARS:,} bytes stored)"
     )
     assert details == {"1": cut, "2": cut, "3": None}
 
