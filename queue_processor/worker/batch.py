@@ -31,7 +31,7 @@ from queue_processor.db import Database
 from queue_processor.errors import StatementFailed, TransientError
 from queue_processor.models import Claim, ClaimToken, ItemFailure, QueueId, QueueItem, Target
 from queue_processor.providers.base import EmbeddingProvider
-from queue_processor.worker.chunks import Chunked, ChunkWork, embed_chunked, merged
+from queue_processor.worker.chunks import Chunked, embed_chunked, merged
 from queue_processor.worker.config import WorkerConfig
 from queue_processor.worker.items import (
     TargetKey,
@@ -148,10 +148,10 @@ class BatchProcessor:
 
     async def _chunked(self, work: list[Work]) -> Chunked:
         """Split and embed the items of chunked targets, each with its model's provider."""
-        routes: dict[str, list[ChunkWork]] = {}
+        routes: dict[str, list[Work]] = {}
         for w in work:
             model = w.target.model if w.target.model in self._providers else None
-            routes.setdefault(model or "", []).append(ChunkWork(w.item, w.target, w.key))
+            routes.setdefault(model or "", []).append(w)
         parts = []
         for model, part in routes.items():
             provider = self._providers[model] if model else self._provider

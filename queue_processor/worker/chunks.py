@@ -15,25 +15,17 @@ from dataclasses import dataclass
 import anyio.to_thread
 import numpy as np
 
-from queue_processor.models import ItemFailure, QueueItem, Target
+from queue_processor.models import ItemFailure, Target
 from queue_processor.providers.base import EmbeddingProvider
 from queue_processor.providers.tokens import Tokenizer
 from queue_processor.queue import ChunkWrite
+from queue_processor.worker.items import Work
 from queue_processor.worker.splitter import split
 
 
 @dataclass(frozen=True)
-class ChunkWork:
-    """A valid item of a chunked target (key: its record key in canonical text form)."""
-
-    item: QueueItem
-    target: Target
-    key: str
-
-
-@dataclass(frozen=True)
 class _Plan:
-    work: ChunkWork
+    work: Work
     texts: list[str]
     detail: str | None
 
@@ -57,7 +49,7 @@ def chunk_size(target: Target, limit: int | None) -> int:
     return size if limit is None else max(1, min(size, limit))
 
 
-def plan(work: ChunkWork, tokenizer: Tokenizer, limit: int | None) -> _Plan:
+def plan(work: Work, tokenizer: Tokenizer, limit: int | None) -> _Plan:
     """Split one item's text; the detail says when ``max_chunks`` cut it."""
     target = work.target
     size = chunk_size(target, limit)
@@ -79,7 +71,7 @@ def plan(work: ChunkWork, tokenizer: Tokenizer, limit: int | None) -> _Plan:
 
 
 async def embed_chunked(
-    provider: EmbeddingProvider, work: Sequence[ChunkWork], *, model: str | None = None
+    provider: EmbeddingProvider, work: Sequence[Work], *, model: str | None = None
 ) -> Chunked:
     """Split and embed ``work``'s texts with ``provider`` (``model``: the name recorded with
     the chunks, None for the worker's default). Raises what ``provider.embed`` raises."""

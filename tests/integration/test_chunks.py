@@ -403,3 +403,43 @@ async def test_the_local_model_gets_chunks_within_its_256_token_window(
     own = model.encode([r["chunk_text"] for r in rows], normalize_embeddings=True)
     stored = np.array([r["v"] for r in rows], dtype=np.float32)
     np.testing.assert_allclose(stored, own, atol=1e-5)
+
+
+async def test_past_2000_dimensions_the_chunks_are_halfvec_and_indexed(
+    db: Database, dsn: str
+) -> None:
+    """HNSW indexes vector up to 2,000 dimensions: a 3,072-dimension target (e.g.
+    text-embedding-3-large) stores halfvec chunks, written and searched the same way."""
+    dims = 3072
+    create_table(dsn)
+    execute(
+        dsn,
+        "SELECT embedding_register_chunked_target('docs', 'body', ARRAY['body'],"
+        " p_dimensions => %s, p_chunk_tokens => 48, p_chunk_overlap => 8)",
+        (dims,),
+    )
+    column = execute(
+        dsn,
+        "SELECT format_type(atttypid, atttypmod) AS type FROM pg_attribute"
+        " WHERE attrelid = 'docs_body_chunks'::regclass AND attname = 'embedding'",
+    )
+    assert column == [{"type": f"halfvec({dims})"}]
+    text = article(1)
+    insert_rows(dsn, [(1, text)])
+    with FakeOpenAIServer(dims=dims, max_input_tokens=SERVER_LIMIT) as big:
+        async with make_provider(big, model=OPENAI_MODEL) as provider:
+            await drain(db, provider)
+    assert status_counts(dsn) == {"done": 1}
+    rows = execute(
+        dsn,
+        "SELECT chunk_text, embedding::real[] AS v FROM docs_body_chunks ORDER BY chunk_index",
+    )
+    assert [r["chunk_text"] for r in rows] == expected_chunks(text)
+    for r in rows:
+        # halfvec keeps 16 bits: equal to the server's vector within half precision.
+        np.testing.assert_allclose(r["v"], fake_vector(r["chunk_text"], dims), atol=1e-3)
+    target = next(t for t in await queue.list_targets(db) if t.chunked)
+    assert target.column_type == "halfvec"
+    probe = rows[1]["chunk_text"]
+    found = await queue.search_chunks(db, target, fake_vector(probe, dims), 1)
+    assert [(r["id"], r["chunk_index"]) for r in found] == [("1", 1)]
