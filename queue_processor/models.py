@@ -15,8 +15,10 @@ STATUSES: tuple[Status, ...] = ("pending", "processing", "done", "failed")
 ColumnType = Literal["vector", "halfvec", "real[]", "double precision[]", "jsonb", "bytea"]
 # What a target does with a text longer than the model's input limit (embedding_targets.
 # length_policy, migration 0008): cut it to the limit (the item is done with a detail), or
-# fail it.
-LengthPolicy = Literal["truncate", "fail"]
+# fail it; a chunked target's policy is ``chunk`` (migration 0010): its text is split into
+# chunks that each fit, one vector per chunk in the target's companion table. Only
+# registration makes a target chunked (LENGTH_POLICIES: what ``--length-policy`` may set).
+LengthPolicy = Literal["truncate", "fail", "chunk"]
 LENGTH_POLICIES: tuple[LengthPolicy, ...] = ("truncate", "fail")
 
 IdType = Literal["smallint", "integer", "bigint", "uuid", "text", "character varying"]
@@ -52,6 +54,15 @@ class QueueItem:
     content: str | None
     attempts: int
     generation: int
+    # Set when the claim cut the content to QUEUE_PROCESSOR_MAX_CONTENT_CHARS: what the
+    # done item's detail says about it.
+    capped: str | None = None
+
+    def detail(self, written: str | None) -> str | None:
+        """The done item's detail: the claim's cut (if any), then ``written`` (the write's
+        own detail, e.g. "truncated to 8,191 of 23,125 tokens")."""
+        parts = [p for p in (self.capped, written) if p]
+        return "; ".join(parts) if parts else None
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,18 @@ class Target:
     model_column: str | None
     generated_at_column: str | None
     length_policy: LengthPolicy = "truncate"
+    # A chunked target (length_policy 'chunk'): chunk size and overlap in the model's
+    # tokens, the cap on chunks per record, and the companion table (in schema_name) that
+    # holds the chunks; all None for a column target.
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
+    max_chunks: int | None = None
+    chunks_table: str | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether this target stores chunks in a companion table (not a column)."""
+        return self.chunks_table is not None
 
     @property
     def key(self) -> tuple[str, str]:

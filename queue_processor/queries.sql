@@ -130,6 +130,21 @@ SELECT {qs}.embedding_register_target(
     p_generated_at_column => %(generated_at_column)s::text
 ) AS table_name;
 
+-- name: register_chunked_target
+-- Register a chunked target, create its chunks table and install its triggers (see
+-- sql/functions/28_chunks.sql).
+SELECT {qs}.embedding_register_chunked_target(
+    %(table_oid)s::oid::regclass, %(name)s::text,
+    p_content_columns => %(content_columns)s::text[],
+    p_template => %(template)s::text,
+    p_id_column => %(id_column)s::text,
+    p_model => %(model)s::text,
+    p_dimensions => %(dimensions)s::integer,
+    p_chunk_tokens => %(chunk_tokens)s::integer,
+    p_chunk_overlap => %(chunk_overlap)s::integer,
+    p_max_chunks => %(max_chunks)s::integer
+) AS table_name;
+
 -- name: set_length_policy
 -- A registered target's policy for texts over the model's input limit (truncate | fail).
 SELECT {qs}.embedding_target_set_length_policy(%(table_name)s::text, %(column)s::text,
@@ -152,7 +167,8 @@ SELECT pg_notify('embedding_queue', '');
 -- The whole target registry.
 SELECT table_name, embedding_column, schema_name, relation_name, id_column, id_type,
        content_columns, content_template, column_type, dimensions, model, model_column,
-       generated_at_column, length_policy
+       generated_at_column, length_policy, chunk_tokens, chunk_overlap, max_chunks,
+       chunks_table
   FROM {qs}.embedding_targets
  ORDER BY table_name, embedding_column;
 
@@ -866,3 +882,41 @@ SELECT opc.opcname AS opclass
 -- As create_hnsw_index, without blocking writes (outside a transaction).
 CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass})
   WITH (m = 16, ef_construction = 64);
+
+-- name: write_chunks
+-- Replace the chunk sets of one chunked target's records and acknowledge their queue rows,
+-- for the rows still claimed under our token (sql/functions/28_chunks.sql:
+-- embedding_chunks_write, SECURITY DEFINER: worker roles hold no privilege on the chunks
+-- tables). %(vectors)b is every chunk's vector concatenated into one binary real[].
+SELECT w.id FROM {qs}.embedding_chunks_write(
+    %(table_name)s::text, %(column)s::text, %(token)s::uuid,
+    %(qids)s::bigint[], %(details)s::text[],
+    %(chunk_qids)s::bigint[], %(texts)s::text[], %(vectors)b::real[], %(model)s::text
+) AS w(id);
+
+-- name: search_chunks
+-- The k records whose best chunk is nearest to the query vector, with that chunk. The inner
+-- query walks the HNSW index (ORDER BY the <=> operator on the indexed column, LIMIT) for
+-- the %(candidates)s nearest chunks (k times a few chunks per record, bounded by
+-- hnsw.ef_search); DISTINCT ON then keeps each record's best, and the outer ORDER BY ranks
+-- them. {vtype}: the column's type (schema-qualified), {distance}: cosine_distance_operator.
+SELECT best.id, best.chunk_index, best.chunk_text, best.distance
+  FROM (SELECT DISTINCT ON (n.record_id) n.record_id::text AS id, n.chunk_index,
+               n.chunk_text, n.distance
+          FROM (SELECT c.record_id, c.chunk_index, c.chunk_text,
+                       c.embedding OPERATOR({distance}) %(query)b::real[]::{vtype} AS distance
+                  FROM {schema}.{table} AS c
+                 ORDER BY c.embedding OPERATOR({distance}) %(query)b::real[]::{vtype}
+                 LIMIT %(candidates)s) AS n
+         ORDER BY n.record_id, n.distance) AS best
+ ORDER BY best.distance
+ LIMIT %(k)s;
+
+-- name: set_ef_search
+-- An HNSW scan returns at most hnsw.ef_search rows (default 40): let it return as many as
+-- search_chunks asks for (transaction-local).
+SELECT pg_catalog.set_config('hnsw.ef_search', %(ef_search)s::text, true);
+
+-- name: chunk_counts
+-- Chunks and records with chunks of one chunked target, for status.
+SELECT count(*) AS chunks, count(DISTINCT c.record_id) AS records FROM {schema}.{table} AS c;

@@ -96,6 +96,7 @@ def status_json(report: StatusReport, price_override: float | None) -> dict[str,
         "truncated": report.truncated,
         "targets": [dict(t, waiting=target_waiting(t)) for t in report.targets],
         "reembeds": report.reembeds,
+        "chunks": report.chunks,
     }
 
 
@@ -189,6 +190,13 @@ def status_renderable(report: StatusReport, price_override: float | None) -> Ren
     ]
     lines += [line for line in map(_target_line, report.targets) if line is not None]
     lines += [_reembed_line(r) for r in report.reembeds]
+    lines += [
+        plain(
+            f"chunked target {r['table_name']}.{r['embedding_column']}: {r['chunks']:,} "
+            f"chunks of {r['records']:,} rows in {r['chunks_table']}"
+        )
+        for r in report.chunks
+    ]
     for row in report.inbox:
         lines.append(
             plain(

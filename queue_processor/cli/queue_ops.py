@@ -12,6 +12,7 @@ import anyio
 
 from queue_processor import queue, render
 from queue_processor.cli.args import Subparsers, out, parse_duration, positive_int
+from queue_processor.cli.chunked import print_chunk_results
 from queue_processor.cli.factories import build_provider, model_name, open_database
 from queue_processor.cli.lookup import find_target, parse_id_spec
 from queue_processor.db import Database
@@ -225,6 +226,9 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         vector = result.vectors[0]
         if vector is None:
             raise PermanentError(f"the provider could not embed the query: {result.errors.get(0)}")
+        if target.chunked:
+            found = await queue.search_chunks(db, target, vector, args.k)
+            return print_chunk_results(args, target, found)
         rows = await queue.search(db, target, vector, args.k)
         indexed = await queue.index_usable(db, target)
         builds = await queue.index_builds(db, target.table_name, target.embedding_column)

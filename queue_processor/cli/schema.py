@@ -10,6 +10,8 @@ import anyio
 
 from queue_processor import queue
 from queue_processor.cli.args import Subparsers, out
+from queue_processor.cli.chunked import add_arguments as add_chunk_arguments
+from queue_processor.cli.chunked import register_chunked
 from queue_processor.cli.factories import model_name, open_database
 from queue_processor.cli.lookup import find_target
 from queue_processor.db import Database
@@ -68,6 +70,8 @@ async def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
         if args.template
         else None
     )
+    if args.chunks:
+        return await register_chunked(args, settings, template)
     if args.create_column and not args.dimensions:
         raise UsageError("--create-column needs --dimensions N")
     if args.wait and not args.index:
@@ -293,7 +297,11 @@ def _add_register_parser(sub: Subparsers) -> None:
         "and content change. Content is one or more --content columns or a --template.",
     )
     p.add_argument("table", help="table name, optionally schema-qualified ('app.docs')")
-    p.add_argument("--column", required=True, help="the embedding column to fill")
+    p.add_argument(
+        "--column",
+        required=True,
+        help="the embedding column to fill (with --chunks: the chunked target's name)",
+    )
     content = p.add_mutually_exclusive_group(required=True)
     content.add_argument(
         "--content", action="append", metavar="COL", help="content column (repeatable)"
@@ -346,6 +354,8 @@ def _add_register_parser(sub: Subparsers) -> None:
         nargs="?",
         const="missing",
         choices=["missing", "all"],
-        help="queue existing rows now (default: those whose embedding is NULL)",
+        help="queue existing rows now (default: those whose embedding is NULL, or with "
+        "--chunks, those without chunks)",
     )
+    add_chunk_arguments(p)
     p.set_defaults(func=cmd_register)

@@ -9,6 +9,8 @@ queries.sql, one named statement per function. The worker never sees SQL text.
                   role, add a vector column and its HNSW index
 - ``operations``  the queue as a whole: ``status``, ``requeue_failed``, ``purge``,
                   estimates, ``search``, ``queue_depth``
+- ``chunks``      chunked targets: ``ChunkWrite`` (written by ``complete``),
+                  ``search_chunks``, ``chunk_counts``
 - ``cache``       the opt-in embedding cache and ``EmbeddingCacheStore``
 - ``indexes``     wanted vector indexes and their builds: ``hnsw_spec``, ``want_index``,
                   ``build_next_index``, ``index_builds``
@@ -22,6 +24,7 @@ tests that patch ``queue.<name>`` reach every caller that goes through the packa
 from __future__ import annotations
 
 from queue_processor.queue.cache import EmbeddingCacheStore, cache_lookup, cache_store
+from queue_processor.queue.chunks import ChunkWrite, chunk_counts, search_chunks
 from queue_processor.queue.claims import (
     EXPAND_FACTOR,
     EXPAND_MIN,
@@ -64,6 +67,7 @@ from queue_processor.queue.registry import (
     create_hnsw_index,
     grant_worker,
     list_targets,
+    register_chunked_target,
     register_target,
     set_length_policy,
     unregister_target,
@@ -75,6 +79,7 @@ __all__ = [
     "EXPAND_MIN",
     "HNSW_MAX_HALFVEC_DIMS",
     "HNSW_MAX_VECTOR_DIMS",
+    "ChunkWrite",
     "ClaimResult",
     "CompleteResult",
     "EmbeddingCacheStore",
@@ -88,6 +93,7 @@ __all__ = [
     "build_next_index",
     "cache_lookup",
     "cache_store",
+    "chunk_counts",
     "claim_batch",
     "complete",
     "create_hnsw_index",
@@ -102,6 +108,7 @@ __all__ = [
     "list_targets",
     "purge",
     "queue_depth",
+    "register_chunked_target",
     "register_target",
     "release",
     "renew_leases",
@@ -109,6 +116,7 @@ __all__ = [
     "retry_index_build",
     "schedule_retry",
     "search",
+    "search_chunks",
     "set_length_policy",
     "status",
     "unregister_target",

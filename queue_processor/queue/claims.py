@@ -28,6 +28,7 @@ from queue_processor.models import (
     QueueItem,
     Target,
 )
+from queue_processor.queue.chunks import ChunkWrite, write_step
 
 log = structlog.get_logger(__name__)
 
@@ -158,6 +159,12 @@ def _claimed_item(row: Row, max_content_chars: int) -> QueueItem:
         content=row["content"],
         attempts=int(row["attempts"]),
         generation=int(row["generation"]),
+        capped=(
+            f"content cut to its first {max_content_chars:,} characters at claim "
+            f"(QUEUE_PROCESSOR_MAX_CONTENT_CHARS: {int(row['content_bytes']):,} bytes stored)"
+            if row["content_capped"]
+            else None
+        ),
     )
     if row["content_capped"]:
         log.warning(
@@ -191,17 +198,29 @@ async def complete(
     *,
     model: str | None,
     usage: Usage | Sequence[Usage] | None = None,
+    chunk_writes: Sequence[ChunkWrite] = (),
 ) -> CompleteResult:
-    """Write vectors, mark them done and record permanent failures, in one transaction.
+    """Write vectors (and chunk sets), mark them done and record permanent failures, in one
+    transaction.
 
     Only items still claimed under ``token`` are touched; the others ("lost": requeued,
     re-pended by a content change, or reclaimed after lease expiry) get nothing written.
+    A chunked target's records get their whole new chunk set or nothing (``chunk_writes``,
+    see queue/chunks.py).
     """
     by_target: dict[tuple[str, str], list[Write]] = defaultdict(list)
     for w in writes:
         by_target[w.target.key].append(w)
     groups = [by_target[key] for key in sorted(by_target)]
-    all_ids = [w.item.id for w in writes] + [f.item.id for f in failures]
+    chunks_by_target: dict[tuple[str, str], list[ChunkWrite]] = defaultdict(list)
+    for c in chunk_writes:
+        chunks_by_target[c.target.key].append(c)
+    chunk_groups = [chunks_by_target[key] for key in sorted(chunks_by_target)]
+    all_ids = (
+        [w.item.id for w in writes]
+        + [c.item.id for c in chunk_writes]
+        + [f.item.id for f in failures]
+    )
     # Sent together (pipeline mode), in this order: source rows are locked first, then the
     # queue rows still claimed under our token (the enqueue triggers' lock order), so nobody
     # can take a claim over between the check and the write. Each write re-checks the claim
@@ -224,6 +243,10 @@ async def complete(
         )
         for group in groups
     ]
+    # A chunked target's records: old chunks deleted, new ones inserted, items acknowledged
+    # (under the claim check of embedding_chunks_write), after the locks above.
+    steps += [write_step(db, group, token, model) for group in chunk_groups]
+    written = len(groups) + len(chunk_groups)
     if failures:
         steps.append((db.statement("fail_items"), _fail_params(failures, token)))
     usages = [usage] if isinstance(usage, Usage) else list(usage or ())
@@ -243,9 +266,14 @@ async def complete(
     results = await db.transaction_pipelined(steps)
     valid = {QueueId(int(r["id"])) for r in results[first_write - 1]}
     acked = [r for rows in results[first_write : first_write + len(groups)] for r in rows]
-    failed_rows = results[first_write + len(groups)] if failures else []
+    chunked = [
+        QueueId(int(r["id"]))
+        for rows in results[first_write + len(groups) : first_write + written]
+        for r in rows
+    ]
+    failed_rows = results[first_write + written] if failures else []
     return CompleteResult(
-        done=tuple(QueueId(int(r["id"])) for r in acked),
+        done=tuple(QueueId(int(r["id"])) for r in acked) + tuple(chunked),
         missing=tuple(QueueId(int(r["id"])) for r in acked if r["missing"]),
         failed=tuple(QueueId(int(r["id"])) for r in failed_rows),
         lost=tuple(i for i in all_ids if i not in valid),
@@ -258,7 +286,7 @@ def _write_params(group: Sequence[Write], token: ClaimToken, model: str | None) 
         "qids": [w.item.id for w in group],
         "token": token,
         "model": group[0].model or model,
-        "details": [w.detail for w in group],
+        "details": [w.item.detail(w.detail) for w in group],
     }
     if group[0].target.column_type == "bytea":
         params["blobs"] = [targets.vector_bytes(w.vector) for w in group]

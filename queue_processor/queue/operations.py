@@ -13,6 +13,8 @@ from queue_processor import targets
 from queue_processor.db import Database, Row, float4_array
 from queue_processor.errors import PermanentError, StatementFailed
 from queue_processor.models import Target
+from queue_processor.queue.chunks import chunk_counts
+from queue_processor.queue.registry import list_targets
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class StatusReport:
     targets: list[Row] = field(default_factory=list)
     # Re-embeddings in progress, with their progress (reembed.progress's fields).
     reembeds: list[Row] = field(default_factory=list)
+    # Chunked targets: chunks_table, chunks and records (with chunks) of each.
+    chunks: list[Row] = field(default_factory=list)
 
 
 async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
@@ -55,9 +59,22 @@ async def status(db: Database, *, failures_limit: int = 10) -> StatusReport:
     assert summary is not None
     bound = [dict(row, stale_model=await stale_model_count(db, row)) for row in models]
     progress = [dict(row, **await reembed_progress(db, row)) for row in reembeds]
+    chunks = [await _chunk_status(db, t) for t in await list_targets(db) if t.chunked]
     return StatusReport(
-        counts, summary, usage, failures, inbox, indexes, truncated, bound, progress
+        counts, summary, usage, failures, inbox, indexes, truncated, bound, progress, chunks
     )
+
+
+async def _chunk_status(db: Database, target: Target) -> Row:
+    """A chunked target's chunk and record counts (one scan of its chunks table)."""
+    chunks, records = await chunk_counts(db, target)
+    return {
+        "table_name": target.table_name,
+        "embedding_column": target.embedding_column,
+        "chunks_table": target.chunks_table,
+        "chunks": chunks,
+        "records": records,
+    }
 
 
 async def reembed_progress(db: Database, reembed: Row) -> Row:

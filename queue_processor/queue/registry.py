@@ -72,6 +72,47 @@ async def register_target(
     return label
 
 
+async def register_chunked_target(
+    db: Database,
+    table: str,
+    name: str,
+    *,
+    dimensions: int,
+    chunk_tokens: int,
+    chunk_overlap: int,
+    max_chunks: int,
+    content_columns: Sequence[str] | None = None,
+    template: str | None = None,
+    id_column: str | None = None,
+    model: str | None = None,
+) -> str:
+    """Register chunked target ``name`` on ``table``: its chunks go to the companion table
+    ``<table>_<name>_chunks`` that this creates (see sql/functions/28_chunks.sql). Returns
+    the queue's table label."""
+    async with db.connection() as conn:
+        rel = await _resolve_table(db, conn, table)
+        row = await db.fetch_one(
+            conn,
+            db.statement("register_chunked_target"),
+            {
+                "table_oid": rel["table_oid"],
+                "name": name,
+                "content_columns": list(content_columns) if content_columns else None,
+                "template": template,
+                "id_column": id_column,
+                "model": model,
+                "dimensions": dimensions,
+                "chunk_tokens": chunk_tokens,
+                "chunk_overlap": chunk_overlap,
+                "max_chunks": max_chunks,
+            },
+        )
+    assert row is not None
+    label = str(row["table_name"])
+    log.info("chunked_target_registered", table=label, name=name, chunk_tokens=chunk_tokens)
+    return label
+
+
 async def set_length_policy(db: Database, table_name: str, column: str, policy: str) -> bool:
     """Set a target's policy for texts over the model's input limit (truncate | fail);
     False if the target is not registered."""

@@ -18,7 +18,6 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -29,31 +28,27 @@ import structlog
 from queue_processor import queue
 from queue_processor.backoff import retry_database
 from queue_processor.db import Database
-from queue_processor.errors import PermanentError, StatementFailed, TransientError
+from queue_processor.errors import StatementFailed, TransientError
 from queue_processor.models import Claim, ClaimToken, ItemFailure, QueueId, QueueItem, Target
-from queue_processor.providers.base import EmbeddingProvider, EmbedResult
-from queue_processor.targets import parse_record_id
+from queue_processor.providers.base import EmbeddingProvider
+from queue_processor.worker.chunks import Chunked, embed_chunked, merged
 from queue_processor.worker.config import WorkerConfig
+from queue_processor.worker.items import (
+    TargetKey,
+    Work,
+    log_written,
+    match_vectors,
+    validate,
+    write_rejected,
+)
 from queue_processor.worker.lengths import Embedded, Fitted, TooLong, embed_fitted, fit
 from queue_processor.worker.report import BatchReport
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-TargetKey = tuple[str, str]
 WriteTurn = Callable[[], AbstractAsyncContextManager[object]]
 """Entered around a batch's database work, once the provider is done with it."""
-
-_BLANK = " \t\n\r\f\v"
-
-
-@dataclass(frozen=True)
-class _Work:
-    """A valid item: where its vector goes, under which key."""
-
-    item: QueueItem
-    target: Target
-    key: str
 
 
 class TargetRegistry:
@@ -107,20 +102,35 @@ class BatchProcessor:
         started = time.monotonic()
         targets = await self._targets.resolve(claim.items)
         work, failures = validate(claim.items, targets)
+        # Items of chunked targets: split, embed each chunk, write the sets (worker/chunks.py).
+        chunk_work = [w for w in work if w.target.chunked]
+        work = [w for w in work if not w.target.chunked]
+        try:
+            chunked = await self._chunked(chunk_work)
+        except TransientError as exc:
+            async with write_turn():
+                return await self._retry_later(claim, work + chunk_work, failures, exc, started)
+        failures += chunked.failures
         if self._providers:
-            return await self._process_routed(claim, work, failures, write_turn, started)
+            return await self._process_routed(
+                claim, work, failures, write_turn, started, chunked, chunk_work
+            )
         try:
             work, fitted, too_long = await self._fit(work)
             failures += too_long
             embedded = await self._embed(work, fitted)
         except TransientError as exc:
             async with write_turn():
-                return await self._retry_later(claim, work, failures, exc, started)
+                return await self._retry_later(claim, work + chunk_work, failures, exc, started)
         writes, rejected = match_vectors(work, embedded.as_result(), embedded.details)
         failures += rejected
-        usage = queue.Usage(self._config.owner, len(work), embedded.tokens, embedded.requests)
+        usage = [queue.Usage(self._config.owner, len(work), embedded.tokens, embedded.requests)]
+        if chunk_work:
+            usage.append(
+                queue.Usage(self._config.owner, len(chunk_work), chunked.tokens, chunked.requests)
+            )
         async with write_turn():
-            outcome = await self._complete(claim.token, writes, failures, usage)
+            outcome = await self._complete(claim.token, writes, failures, usage, chunked.writes)
         report = BatchReport(
             items=len(claim.items),
             done=len(outcome.done) - len(outcome.missing),
@@ -128,15 +138,28 @@ class BatchProcessor:
             skipped=len(outcome.missing),
             retried=0,
             lost=len(outcome.lost),
-            tokens=embedded.tokens,
-            requests=embedded.requests,
+            tokens=embedded.tokens + chunked.tokens,
+            requests=embedded.requests + chunked.requests,
             seconds=time.monotonic() - started,
-            cached=embedded.cached,
+            cached=embedded.cached + chunked.cached,
         )
-        _log_written(report, failures, outcome)
+        log_written(report, failures, outcome)
         return report
 
-    async def _fit(self, work: list[_Work]) -> tuple[list[_Work], list[Fitted], list[ItemFailure]]:
+    async def _chunked(self, work: list[Work]) -> Chunked:
+        """Split and embed the items of chunked targets, each with its model's provider."""
+        routes: dict[str, list[Work]] = {}
+        for w in work:
+            model = w.target.model if w.target.model in self._providers else None
+            routes.setdefault(model or "", []).append(w)
+        parts = []
+        for model, part in routes.items():
+            provider = self._providers[model] if model else self._provider
+            named = provider.model if model else None
+            parts.append(await embed_chunked(provider, part, model=named))
+        return merged(parts)
+
+    async def _fit(self, work: list[Work]) -> tuple[list[Work], list[Fitted], list[ItemFailure]]:
         """Apply each target's length policy (worker/lengths.py): the work that goes to the
         provider, its texts, and the items that fail for their length."""
         if not work:
@@ -151,7 +174,7 @@ class BatchProcessor:
 
         # Counting long texts takes a while: off the event loop (lease renewal, LISTEN).
         outcomes = await anyio.to_thread.run_sync(fit_all)
-        kept: list[_Work] = []
+        kept: list[Work] = []
         fitted: list[Fitted] = []
         failures: list[ItemFailure] = []
         for w, outcome in zip(work, outcomes, strict=True):
@@ -165,7 +188,7 @@ class BatchProcessor:
             log.info("inputs_truncated", inputs=truncated, max_input_tokens=limit)
         return kept, fitted, failures
 
-    async def _embed(self, work: list[_Work], fitted: list[Fitted]) -> Embedded:
+    async def _embed(self, work: list[Work], fitted: list[Fitted]) -> Embedded:
         # A batch of invalid items only is acknowledged without a provider call.
         if not work:
             return Embedded([], {}, [], 0, 0, 0)
@@ -179,29 +202,35 @@ class BatchProcessor:
     async def _process_routed(
         self,
         claim: Claim,
-        work: list[_Work],
+        work: list[Work],
         failures: list[ItemFailure],
         write_turn: WriteTurn,
         started: float,
+        chunked: Chunked,
+        chunk_work: list[Work],
     ) -> BatchReport:
         """``process`` for a worker of several models: each target's items go to the
         provider of the target's model (the default provider for unbound targets), each
         vector is written with its model's name, and usage is recorded per model. A
         transient failure of any provider sends the whole batch back."""
-        routes: dict[str, list[_Work]] = {}
+        routes: dict[str, list[Work]] = {}
         for w in work:
             model = w.target.model if w.target.model in self._providers else None
             routes.setdefault(model or "", []).append(w)
         writes: list[queue.Write] = []
         usages: list[queue.Usage] = []
-        tokens = requests = cached = 0
+        if chunk_work:
+            usages.append(
+                queue.Usage(self._config.owner, len(chunk_work), chunked.tokens, chunked.requests)
+            )
+        tokens, requests, cached = chunked.tokens, chunked.requests, chunked.cached
         for model, part in routes.items():
             provider = self._providers[model] if model else self._provider
             try:
                 embedded = await provider.embed([w.item.content or "" for w in part])
             except TransientError as exc:
                 async with write_turn():
-                    return await self._retry_later(claim, work, failures, exc, started)
+                    return await self._retry_later(claim, work + chunk_work, failures, exc, started)
             matched, rejected = match_vectors(part, embedded)
             writes += [dataclasses.replace(w, model=provider.model) for w in matched]
             failures += rejected
@@ -217,7 +246,7 @@ class BatchProcessor:
                 )
             )
         async with write_turn():
-            outcome = await self._complete(claim.token, writes, failures, usages)
+            outcome = await self._complete(claim.token, writes, failures, usages, chunked.writes)
         report = BatchReport(
             items=len(claim.items),
             done=len(outcome.done) - len(outcome.missing),
@@ -230,13 +259,13 @@ class BatchProcessor:
             seconds=time.monotonic() - started,
             cached=cached,
         )
-        _log_written(report, failures, outcome)
+        log_written(report, failures, outcome)
         return report
 
     async def _retry_later(
         self,
         claim: Claim,
-        work: list[_Work],
+        work: list[Work],
         failures: list[ItemFailure],
         error: TransientError,
         started: float,
@@ -285,6 +314,7 @@ class BatchProcessor:
         writes: list[queue.Write],
         failures: list[ItemFailure],
         usage: queue.Usage | list[queue.Usage],
+        chunk_writes: Sequence[queue.ChunkWrite] = (),
     ) -> queue.CompleteResult:
         """Write and acknowledge the batch in one transaction. If Postgres rejects a write
         (a dropped column, a dimension check, permissions...), write each target on its own
@@ -299,29 +329,45 @@ class BatchProcessor:
                     failures,
                     model=self._provider.model,
                     usage=usage,
+                    chunk_writes=chunk_writes,
                 )
             )
         except StatementFailed as exc:
             log.warning("batch_write_failed", error=str(exc), note="retrying per target")
-        return await self._complete_per_target(token, writes, failures)
+        return await self._complete_per_target(token, writes, failures, chunk_writes)
 
     async def _complete_per_target(
-        self, token: ClaimToken, writes: list[queue.Write], failures: list[ItemFailure]
+        self,
+        token: ClaimToken,
+        writes: list[queue.Write],
+        failures: list[ItemFailure],
+        chunk_writes: Sequence[queue.ChunkWrite],
     ) -> queue.CompleteResult:
-        groups: dict[TargetKey, list[queue.Write]] = {}
-        for w in writes:
+        groups: dict[TargetKey, list[queue.Write | queue.ChunkWrite]] = {}
+        every: list[queue.Write | queue.ChunkWrite] = [*writes, *chunk_writes]
+        for w in every:
             groups.setdefault(w.target.key, []).append(w)
         done: list[QueueId] = []
         missing: list[QueueId] = []
         lost: list[QueueId] = []
         rejected = list(failures)
         for group in groups.values():
+            column = [w for w in group if isinstance(w, queue.Write)]
+            chunks = [w for w in group if isinstance(w, queue.ChunkWrite)]
             try:
                 part = await self._persist(
-                    partial(queue.complete, self._db, token, group, [], model=self._provider.model)
+                    partial(
+                        queue.complete,
+                        self._db,
+                        token,
+                        column,
+                        [],
+                        model=self._provider.model,
+                        chunk_writes=chunks,
+                    )
                 )
             except StatementFailed as exc:
-                rejected += [_write_rejected(w, exc) for w in group]
+                rejected += [write_rejected(w, exc) for w in group]
                 continue
             done += part.done
             missing += part.missing
@@ -333,99 +379,3 @@ class BatchProcessor:
         """Run a database operation, retrying through outages while our lease still stands
         (the renewal loop keeps it); after that the claim is lost anyway."""
         return await retry_database(op, within_seconds=self._config.lease_seconds)
-
-
-def validate(
-    items: Sequence[QueueItem], targets: dict[TargetKey, Target]
-) -> tuple[list[_Work], list[ItemFailure]]:
-    """Split claimed items into work for the provider and items that fail without it."""
-    work: list[_Work] = []
-    failures: list[ItemFailure] = []
-    for item in items:
-        target = targets.get((item.table_name, item.embedding_column))
-        if target is None:
-            failures.append(ItemFailure(item, "unregistered_target", _unregistered(item)))
-            continue
-        if item.content is None or not item.content.strip(_BLANK):
-            message = "content is empty (NULL or whitespace only); not embedded"
-            failures.append(ItemFailure(item, "empty_content", message))
-            continue
-        try:
-            key = parse_record_id(target, item.record_id)
-        except PermanentError as exc:
-            failures.append(ItemFailure(item, "invalid_record_id", str(exc)))
-            continue
-        work.append(_Work(item, target, key))
-    return work, failures
-
-
-def match_vectors(
-    work: Sequence[_Work], embedded: EmbedResult, details: Sequence[str | None] | None = None
-) -> tuple[list[queue.Write], list[ItemFailure]]:
-    """Pair each item with its vector (aligned with ``work``) and its detail (``details``,
-    aligned too: e.g. "truncated to 8,191 of 23,125 tokens"); items without a vector, or
-    with one that does not fit their column, fail."""
-    writes: list[queue.Write] = []
-    failures: list[ItemFailure] = []
-    for index, w in enumerate(work):
-        vector = embedded.vectors[index]
-        if vector is None:
-            message = embedded.errors.get(index, "provider returned no vector")
-            failures.append(ItemFailure(w.item, "provider_rejected", message))
-        elif w.target.dimensions is not None and vector.shape[0] != w.target.dimensions:
-            message = _dims_mismatch(w.target, int(vector.shape[0]))
-            failures.append(ItemFailure(w.item, "dimension_mismatch", message))
-        else:
-            detail = details[index] if details is not None else None
-            writes.append(queue.Write(w.item, w.target, w.key, vector, detail))
-    return writes, failures
-
-
-def _log_written(
-    report: BatchReport, failures: Sequence[ItemFailure], outcome: queue.CompleteResult
-) -> None:
-    for failure in failures:
-        if failure.item.id in outcome.failed:
-            item = failure.item
-            log.warning(
-                "item_failed",
-                queue_id=item.id,
-                table=item.table_name,
-                column=item.embedding_column,
-                record_id=item.record_id,
-                reason=failure.reason,
-                error=failure.message,
-            )
-    if outcome.lost:
-        log.info("claims_superseded", items=len(outcome.lost), note="nothing written")
-    log.info(
-        "batch_done",
-        items=report.items,
-        done=report.done,
-        skipped=report.skipped,
-        failed=report.failed,
-        lost=report.lost,
-        tokens=report.tokens,
-        requests=report.requests,
-        ms=round(report.seconds * 1000, 1),
-    )
-
-
-def _unregistered(item: QueueItem) -> str:
-    return (
-        f"unregistered target: {item.table_name[:100]!r}.{item.embedding_column[:100]!r} is not "
-        "in embedding_targets; nothing was executed"
-    )
-
-
-def _dims_mismatch(target: Target, got: int) -> str:
-    return (
-        f"model returned {got} dimensions but {target.table_name}.{target.embedding_column} "
-        f"holds {target.dimensions}"
-    )
-
-
-def _write_rejected(write: queue.Write, error: StatementFailed) -> ItemFailure:
-    target = write.target
-    message = f"writing {target.table_name}.{target.embedding_column} failed: {error}"
-    return ItemFailure(write.item, "write_rejected", message)

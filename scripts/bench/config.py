@@ -30,6 +30,7 @@ SECTIONS = (
     "longtexts",
     "reembed",
     "pooler",
+    "chunks",
 )
 MODEL = "text-embedding-3-small"
 DIMS = 768

@@ -206,7 +206,7 @@ DECLARE
 BEGIN
     t := @qs@.embedding_target(p_table_name, p_embedding_column);
     filter := CASE p_mode
-        WHEN 'missing' THEN format('r.%I IS NULL', t.embedding_column)
+        WHEN 'missing' THEN @qs@.embedding_target_missing_filter(t)
         WHEN 'all' THEN 'true'
         -- The key type through regtype: only a real type name can reach the statement.
         WHEN 'ids' THEN format('r.%I = ANY($1::%s[])', t.id_column, t.id_type::regtype)
@@ -269,6 +269,12 @@ BEGIN
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
     DELETE FROM @qs@.embedding_targets
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;
+    -- A chunked target's companion table is ours: it goes with the target, its vectors with
+    -- it (README: copy or rename it first to keep them; a renamed table is left alone).
+    IF t.chunks_table IS NOT NULL THEN
+        EXECUTE format('DROP TABLE IF EXISTS %I.%I', t.schema_name, t.chunks_table);
+        RETURN true;
+    END IF;
     -- What grant-worker gave worker roles on this target goes with it: UPDATE of its columns,
     -- and SELECT of the key unless another target of the same table still reads it.
     PERFORM @qs@.embedding_revoke_target_grants(t);
@@ -334,6 +340,16 @@ BEGIN
             RAISE WARNING 'registered target %.% has no table %.% any more; unregister it',
                 t.table_name, quote_ident(t.embedding_column),
                 quote_ident(t.schema_name), quote_ident(t.relation_name);
+            CONTINUE;
+        END IF;
+        IF t.chunks_table IS NOT NULL THEN
+            PERFORM @qs@.embedding_register_chunked_target(
+                rel, t.embedding_column,
+                p_content_columns => CASE WHEN t.content_template IS NULL THEN t.content_columns END,
+                p_template => t.content_template, p_id_column => t.id_column, p_model => t.model,
+                p_dimensions => t.dimensions, p_chunk_tokens => t.chunk_tokens,
+                p_chunk_overlap => t.chunk_overlap, p_max_chunks => t.max_chunks);
+            n := n + 1;
             CONTINUE;
         END IF;
         PERFORM @qs@.embedding_register_target(

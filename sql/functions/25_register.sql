@@ -338,6 +338,7 @@ BEGIN
                    UNION ALL
                    SELECT n.%I::text FROM new_rows AS n
                     WHERE %s(%s)));
+            %s
             WITH changed AS (
                 SELECT n.%I AS id, %s AS content
                   FROM new_rows AS n LEFT JOIN old_rows AS o ON o.%I = n.%I
@@ -350,6 +351,13 @@ BEGIN
         $f$, qs, fn || '_upd',
         format('%I.embedding_queue', qs), t.table_name, t.embedding_column,
         idcol, idcol, idcol, idcol, format('%I.embedding_queue_is_blank', qs), expr_n,
+        -- A chunked target's chunks of the same records go too (after the queue rows: the
+        -- worker's lock order, see 28_chunks.sql).
+        @qs@.embedding_chunks_delete_sql(t, format(
+            'ARRAY(SELECT o.%I FROM old_rows AS o'
+            ' WHERE NOT EXISTS (SELECT 1 FROM new_rows AS n WHERE n.%I = o.%I)'
+            ' UNION ALL SELECT n.%I FROM new_rows AS n WHERE %s(%s))',
+            idcol, idcol, idcol, idcol, format('%I.embedding_queue_is_blank', qs), expr_n)),
         idcol, expr_n, idcol, idcol, idcol, expr_n, expr_o,
         @qs@.embedding_target_upsert_sql(t, E'\n         ORDER BY ch.id'::text),
         @qs@.embedding_target_notify_sql());
@@ -376,10 +384,13 @@ BEGIN
         BEGIN
             DELETE FROM %s AS q USING old_rows AS o
              WHERE q.table_name = %L AND q.embedding_column = %L AND q.record_id = o.%I::text;
+            %s
             RETURN NULL;
         END;
         $body$
-        $f$, qs, fn || '_del', queue, t.table_name, t.embedding_column, t.id_column);
+        $f$, qs, fn || '_del', queue, t.table_name, t.embedding_column, t.id_column,
+        @qs@.embedding_chunks_delete_sql(t, format('ARRAY(SELECT o.%I FROM old_rows AS o)',
+                                                   t.id_column)));
 
     EXECUTE format(
         $f$
@@ -389,11 +400,12 @@ BEGIN
             DELETE FROM %s AS q WHERE q.table_name = %L AND q.embedding_column = %L;
             DELETE FROM %I.embedding_queue_inbox AS i
              WHERE i.table_name = %L AND i.embedding_column = %L;
+            %s
             RETURN NULL;
         END;
         $body$
         $f$, qs, fn || '_trunc', queue, t.table_name, t.embedding_column,
-        qs, t.table_name, t.embedding_column);
+        qs, t.table_name, t.embedding_column, @qs@.embedding_chunks_truncate_sql(t));
 END;
 $$;
 
@@ -483,8 +495,16 @@ BEGIN
     PERFORM @qs@.embedding_target_create_insert_function(t);
     PERFORM @qs@.embedding_target_create_update_function(t);
     PERFORM @qs@.embedding_target_create_delete_functions(t);
-    PERFORM @qs@.embedding_target_create_clear_functions(t);
+    -- A chunked target stores nothing in the source row: nothing there to clear (its chunks
+    -- go with blank content through the update function).
+    IF t.chunks_table IS NULL THEN
+        PERFORM @qs@.embedding_target_create_clear_functions(t);
+    ELSE
+        EXECUTE format('DROP FUNCTION IF EXISTS %I.%I(), %I.%I()',
+                       qs, fn || '_blank', qs, fn || '_clear');
+    END IF;
     FOREACH part IN ARRAY ARRAY['_ins', '_upd', '_del', '_trunc', '_blank', '_clear'] LOOP
+        CONTINUE WHEN to_regprocedure(format('%I.%I()', qs, fn || part)) IS NULL;
         PERFORM @qs@.embedding_queue_make_private(format('%I.%I()', qs, fn || part)::regprocedure);
     END LOOP;
 END;
@@ -538,6 +558,9 @@ BEGIN
     EXECUTE format(
         'CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()',
         fn || '_trunc', p_table, qs, fn || '_trunc');
+    IF t.chunks_table IS NOT NULL THEN
+        RETURN;  -- no blank-content triggers (see embedding_target_create_functions)
+    END IF;
     IF NOT generated_content THEN
         EXECUTE format(
             'CREATE TRIGGER %I BEFORE UPDATE ON %s FOR EACH ROW '
@@ -619,6 +642,12 @@ BEGIN
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM @qs@.embedding_target_check_label(t);
+    IF EXISTS (SELECT 1 FROM @qs@.embedding_targets AS r
+                WHERE r.table_name = t.table_name AND r.embedding_column = t.embedding_column
+                  AND r.chunks_table IS NOT NULL) THEN
+        RAISE EXCEPTION 'target %.% is registered as a chunked target; unregister it first',
+              t.table_name, quote_ident(t.embedding_column) USING ERRCODE = 'duplicate_object';
+    END IF;
     -- Names the generated functions and triggers: embedding_queue_t<suffix>_<part>.
     t.trigger_suffix := substr(md5(t.table_name || '/' || t.embedding_column), 1, 12);
 

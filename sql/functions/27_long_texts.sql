@@ -16,6 +16,13 @@ BEGIN
               coalesce(quote_literal(p_policy), 'NULL')
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF EXISTS (SELECT 1 FROM @qs@.embedding_targets
+                WHERE table_name = p_table_name AND embedding_column = p_embedding_column
+                  AND chunks_table IS NOT NULL) THEN
+        RAISE EXCEPTION 'target %.% is chunked: its texts are split, never cut or failed for length',
+              p_table_name, quote_ident(p_embedding_column)
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     UPDATE @qs@.embedding_targets
        SET length_policy = p_policy, updated_at = pg_catalog.now()
      WHERE table_name = p_table_name AND embedding_column = p_embedding_column;

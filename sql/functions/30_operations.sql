@@ -61,7 +61,9 @@ BEGIN
                    '%I.embedding_queue_inbox_status TO %s', qs, qs, qs, qs, qs, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION %I.embedding_queue_expand(integer), '
                    '%I.embedding_queue_inbox_estimate(), '
-                   '%I.embedding_queue_estimate(text, text, text) TO %s', qs, qs, qs, role);
+                   '%I.embedding_queue_estimate(text, text, text), '
+                   '%I.embedding_chunks_write(text, text, uuid, bigint[], text[], bigint[], '
+                   'text[], real[], text) TO %s', qs, qs, qs, qs, role);
     FOREACH tbl IN ARRAY ARRAY['embedding_queue', 'embedding_targets', 'embedding_usage',
                                'embedding_cache', 'embedding_queue_inbox', 'embedding_workers',
                                'embedding_reembeds', 'embedding_index_builds',
@@ -75,6 +77,20 @@ BEGIN
     END LOOP;
     FOR t IN SELECT * FROM @qs@.embedding_targets LOOP
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO %s', t.schema_name, role);
+        -- A chunked target: the worker writes its chunks only through embedding_chunks_write
+        -- (SECURITY DEFINER, under a valid claim); it may read them (search, status) and
+        -- nothing of the source table.
+        IF t.chunks_table IS NOT NULL THEN
+            EXECUTE format('GRANT SELECT ON %I.%I TO %s', t.schema_name, t.chunks_table, role);
+            IF NOT EXISTS (SELECT 1 FROM pg_policy
+                            WHERE polrelid = format('%I.%I', t.schema_name, t.chunks_table)::regclass
+                              AND polname = policy) THEN
+                EXECUTE format('CREATE POLICY %I ON %I.%I FOR SELECT TO %s USING (true)',
+                               policy, t.schema_name, t.chunks_table, role);
+            END IF;
+            n := n + 1;
+            CONTINUE;
+        END IF;
         EXECUTE format('GRANT SELECT (%I) ON %I.%I TO %s',
                        t.id_column, t.schema_name, t.relation_name, role);
         EXECUTE format('GRANT UPDATE (%s) ON %I.%I TO %s',
@@ -109,7 +125,7 @@ BEGIN
         $q$,
         t.schema_name, t.relation_name,
         @qs@.embedding_queue_content_sql(t.content_columns, t.content_template, 'r'),
-        CASE p_mode WHEN 'missing' THEN format('r.%I IS NULL', t.embedding_column) ELSE 'true' END)
+        CASE p_mode WHEN 'missing' THEN @qs@.embedding_target_missing_filter(t) ELSE 'true' END)
     INTO items, tokens;
 END;
 $$;

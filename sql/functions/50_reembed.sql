@@ -72,6 +72,11 @@ BEGIN
     IF p_model IS NULL OR p_model = '' THEN
         RAISE EXCEPTION 'reembed needs a model' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- A chunked target has no column to shadow (its vectors are in its chunks table).
+    IF t.chunks_table IS NOT NULL THEN
+        RAISE EXCEPTION 'target %.% is chunked: reembed switches columns; re-register it with the new model (unregister first for new dimensions) and enqueue --all',
+              t.table_name, quote_ident(t.embedding_column) USING ERRCODE = 'feature_not_supported';
+    END IF;
     -- An unbound target is served by every worker, the new model's included, which would
     -- write new vectors into the old column meanwhile: bind it to its current model first.
     IF t.model IS NULL THEN

@@ -273,3 +273,19 @@ def test_unregister(docs: tuple[Conn, str]) -> None:
         "SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = 'docs'::regclass"
     ).fetchone()
     assert triggers == {"n": 0}
+
+
+def test_a_chunked_target_needs_pgvector_and_leaves_nothing_behind(conn: Conn) -> None:
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="needs the pgvector extension"):
+        conn.execute(
+            "SELECT embedding_register_chunked_target('notes', 'body', ARRAY['body'],"
+            " p_dimensions => 3)"
+        )
+    assert conn.execute("SELECT count(*) AS n FROM embedding_targets").fetchone() == {"n": 0}
+    assert conn.execute("SELECT to_regclass('notes_body_chunks') AS t").fetchone() == {"t": None}
+    triggers = conn.execute(
+        "SELECT count(*) AS n FROM pg_trigger"
+        " WHERE tgrelid = 'notes'::regclass AND NOT tgisinternal"
+    ).fetchone()
+    assert triggers == {"n": 0}

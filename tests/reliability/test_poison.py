@@ -182,8 +182,14 @@ def test_poison_items_fail_alone_and_the_worker_keeps_running(
     # Too long for the server: not a poison since issue 14. Its 400 "maximum context length
     # is 8192 tokens" made the worker cut it to that (by the estimate: no tokenizer is known
     # for the test model) and send it again, under the default length policy, truncate.
+    # The claim had cut it to QUEUE_PROCESSOR_MAX_CONTENT_CHARS first; its detail says both.
     assert outcome["107"][0] == "done"
-    assert outcome["107"][1].startswith("truncated to ~8,192 of ~"), outcome["107"]
+    claim_cut, _, truncated = outcome["107"][1].partition("; ")
+    assert claim_cut == (
+        "content cut to its first 1,000,000 characters at claim"
+        f" (QUEUE_PROCESSOR_MAX_CONTENT_CHARS: {len(HUGE.encode()):,} bytes stored)"
+    ), outcome["107"]
+    assert truncated.startswith("truncated to ~8,192 of ~"), outcome["107"]
     # The server saw the rejections as rejections (and the huge text only once).
     assert fake.requests_by_status[400] >= 2
     assert fake.input_counts[HUGE] == 0

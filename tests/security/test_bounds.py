@@ -112,6 +112,13 @@ async def test_worker_embeds_the_cut_text_of_an_oversized_row(
     np.testing.assert_array_equal(stored[3], fake_vector("short", DIMS))
     # What went over the wire: the cut texts, never a 5 MB one.
     assert max(len(t) for t in server.input_counts) <= 2_000
+    # The cut is on record in the items' detail, not only in a log line.
+    details = {r["record_id"]: r["detail"] for r in execute(dsn, "SELECT * FROM embedding_queue")}
+    cut = (
+        f"content cut to its first 2,000 characters at claim "
+        f"(QUEUE_PROCESSOR_MAX_CONTENT_CHARS: {BIG_CHARS:,} bytes stored)"
+    )
+    assert details == {"1": cut, "2": cut, "3": None}
 
 
 async def test_a_notify_flood_costs_at_most_one_scan_per_floor(
