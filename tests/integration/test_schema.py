@@ -219,7 +219,10 @@ def test_queue_storage_settings_and_partial_indexes(conn: Conn) -> None:
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'embedding_queue'"
         )
     }
-    assert "WHERE (status = 'pending'::text)" in indexes["embedding_queue_pending_idx"]
+    pending = indexes["embedding_queue_pending_target_idx"]
+    assert "(table_name, embedding_column, next_attempt_at, id)" in pending
+    assert "WHERE (status = 'pending'::text)" in pending
+    assert "embedding_queue_pending_idx" not in indexes  # 0011: the claim no longer reads it
     assert "WHERE (status = 'processing'::text)" in indexes["embedding_queue_lease_idx"]
     assert "UNIQUE" in indexes["embedding_queue_target_record_key"]
 
