@@ -90,6 +90,7 @@ async def register_chunked_target(
     ``<table>_<name>_chunks`` that this creates (see sql/functions/28_chunks.sql). Returns
     the queue's table label."""
     async with db.connection() as conn:
+        await db.lock_schema(conn)  # one transaction with the registration, migrate waits
         rel = await _resolve_table(db, conn, table)
         row = await db.fetch_one(
             conn,

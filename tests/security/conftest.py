@@ -21,6 +21,9 @@ import pytest
 from psycopg import conninfo, sql
 from psycopg.rows import dict_row
 
+from queue_processor.testing import FakeOpenAIServer
+from tests.support.helpers import DIMS
+
 PASSWORD = "qp-security-test-password"
 
 
@@ -126,6 +129,25 @@ def roles(server: Server) -> Iterator[Roles]:
         yield made
     finally:
         made.cleanup()
+
+
+@pytest.fixture
+def vector_roles(pg_admin_dsn: str, dsn: str) -> Iterator[Roles]:
+    """Throwaway roles on the session's PostgreSQL 18 (pgvector), touching this test's
+    database; dropped afterwards."""
+    made = Roles(pg_admin_dsn)
+    made.touch(dsn)
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeOpenAIServer]:
+    """An in-process fake OpenAI server (8-dim vectors) that CLI subprocesses call."""
+    with FakeOpenAIServer(dims=DIMS) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ PostgreSQL 18 only: a chunks table needs pgvector (the PostgreSQL 15 server has 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from psycopg import errors, sql
@@ -29,22 +28,6 @@ WRITE = (
 TEXT = " ".join(f"Sentence {i} of a private document about budget item {i}." for i in range(40))
 
 
-@pytest.fixture
-def fake_api() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer(dims=DIMS) as srv:
-        yield srv
-
-
-@pytest.fixture
-def roles(pg_admin_dsn: str, dsn: str) -> Iterator[Roles]:
-    made = Roles(pg_admin_dsn)
-    made.touch(dsn)
-    try:
-        yield made
-    finally:
-        made.cleanup()
-
-
 def chunked_docs(dsn: str) -> None:
     """As the owner: ``docs`` with a chunked target ``body`` (chunks of 32 tokens)."""
     execute(dsn, "CREATE TABLE docs (id int PRIMARY KEY, body text)")
@@ -56,8 +39,8 @@ def chunked_docs(dsn: str) -> None:
     )
 
 
-def app_role(dsn: str, roles: Roles) -> str:
-    role = roles.create("app")
+def app_role(dsn: str, vector_roles: Roles) -> str:
+    role = vector_roles.create("app")
     execute(
         dsn,
         sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON docs TO {}").format(
@@ -72,22 +55,22 @@ def chunk_count(dsn: str) -> int:
 
 
 def test_the_worker_role_writes_chunks_only_through_a_valid_claim(
-    dsn: str, roles: Roles, fake_api: FakeOpenAIServer
+    dsn: str, vector_roles: Roles, fake_api: FakeOpenAIServer
 ) -> None:
     chunked_docs(dsn)
     execute(dsn, "INSERT INTO docs VALUES (1, %s), (2, %s)", (TEXT, TEXT + " Two."))
-    worker = roles.create("worker")
+    worker = vector_roles.create("worker")
     owner_env = cli_env(dsn, fake_api)
     assert run_cli(["grant-worker", worker], owner_env).returncode == 0
 
     # The tool's path works as the worker role.
-    drained = run_cli(["run", "--drain"], cli_env(roles.dsn(dsn, worker), fake_api))
+    drained = run_cli(["run", "--drain"], cli_env(vector_roles.dsn(dsn, worker), fake_api))
     assert drained.returncode == 0, drained.stderr
     assert summary_counts(drained.stdout)["processed"] == 2
     written = chunk_count(dsn)
     assert written > 2
 
-    with roles.login(dsn, worker) as conn:
+    with vector_roles.login(dsn, worker) as conn:
         # It may read the chunks (search, status)...
         assert conn.execute("SELECT count(*) AS n FROM docs_body_chunks").fetchone() == {
             "n": written
@@ -119,11 +102,11 @@ def test_the_worker_role_writes_chunks_only_through_a_valid_claim(
 
 
 def test_app_roles_and_public_may_not_read_chunks_or_call_the_writer(
-    dsn: str, roles: Roles, fake_api: FakeOpenAIServer
+    dsn: str, vector_roles: Roles, fake_api: FakeOpenAIServer
 ) -> None:
     chunked_docs(dsn)
-    app = app_role(dsn, roles)
-    with roles.login(dsn, app) as conn:
+    app = app_role(dsn, vector_roles)
+    with vector_roles.login(dsn, app) as conn:
         conn.execute("INSERT INTO docs VALUES (1, %s), (2, %s)", (TEXT, TEXT + " Two."))
     assert run_cli(["run", "--drain"], cli_env(dsn, fake_api)).returncode == 0
     assert chunk_count(dsn) > 2
@@ -133,7 +116,7 @@ def test_app_roles_and_public_may_not_read_chunks_or_call_the_writer(
         " bigint[], text[], bigint[], text[], real[], text)', 'EXECUTE') AS may",
     )
     assert public_may == [{"may": False}]
-    with roles.login(dsn, app) as conn:
+    with vector_roles.login(dsn, app) as conn:
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("SELECT chunk_text FROM docs_body_chunks")
         with pytest.raises(errors.InsufficientPrivilege):
@@ -146,7 +129,7 @@ def test_app_roles_and_public_may_not_read_chunks_or_call_the_writer(
 
 
 def test_temp_tables_named_like_ours_redirect_nothing(
-    dsn: str, roles: Roles, fake_api: FakeOpenAIServer
+    dsn: str, vector_roles: Roles, fake_api: FakeOpenAIServer
 ) -> None:
     """A worker role forges a claimed row in a temporary ``embedding_queue`` and a chunked
     target in a temporary ``embedding_targets``; an app role shadows the chunks table. The
@@ -156,10 +139,10 @@ def test_temp_tables_named_like_ours_redirect_nothing(
     execute(dsn, "INSERT INTO docs VALUES (1, %s), (2, %s)", (TEXT, TEXT + " Two."))
     assert run_cli(["run", "--drain"], cli_env(dsn, fake_api)).returncode == 0
     written = chunk_count(dsn)
-    worker = roles.create("worker")
+    worker = vector_roles.create("worker")
     assert run_cli(["grant-worker", worker], cli_env(dsn, fake_api)).returncode == 0
     token = uuid.uuid4()
-    with roles.login(dsn, worker) as conn:
+    with vector_roles.login(dsn, worker) as conn:
         conn.execute("CREATE TEMP TABLE embedding_queue AS SELECT * FROM public.embedding_queue")
         conn.execute(
             "UPDATE pg_temp.embedding_queue SET status = 'processing', claim_token = %s", (token,)
@@ -176,8 +159,8 @@ def test_temp_tables_named_like_ours_redirect_nothing(
             "n": 0
         }
     assert chunk_count(dsn) == written
-    app = app_role(dsn, roles)
-    with roles.login(dsn, app) as conn:
+    app = app_role(dsn, vector_roles)
+    with vector_roles.login(dsn, app) as conn:
         conn.execute("CREATE TEMP TABLE docs_body_chunks (record_id int, chunk_index int)")
         conn.execute("INSERT INTO pg_temp.docs_body_chunks VALUES (1, 0)")
         conn.execute("SET search_path = pg_temp, public")

@@ -34,7 +34,6 @@ that the same tests run on the server without pgvector.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -364,12 +363,6 @@ def test_application_role_writes_are_queued(server: Server, roles: Roles) -> Non
 
 
 # --- hole 3: overloads in public ------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_api() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer(dims=DIMS) as srv:
-        yield srv
 
 
 def attacker_with_create(server: Server, roles: Roles) -> str:

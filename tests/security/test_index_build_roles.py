@@ -9,7 +9,6 @@ PostgreSQL 18 only: an HNSW index needs pgvector (the PostgreSQL 15 server has n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from psycopg import errors
@@ -19,24 +18,8 @@ from tests.security.conftest import Roles
 from tests.support.helpers import DIMS, cli_env, execute, run_cli, summary_counts
 
 
-@pytest.fixture
-def fake_api() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer(dims=DIMS) as srv:
-        yield srv
-
-
-@pytest.fixture
-def roles(pg_admin_dsn: str, dsn: str) -> Iterator[Roles]:
-    made = Roles(pg_admin_dsn)
-    made.touch(dsn)
-    try:
-        yield made
-    finally:
-        made.cleanup()
-
-
 def test_a_worker_that_may_not_create_the_index_records_the_failure(
-    dsn: str, roles: Roles, fake_api: FakeOpenAIServer
+    dsn: str, vector_roles: Roles, fake_api: FakeOpenAIServer
 ) -> None:
     execute(dsn, f"CREATE TABLE articles (id int PRIMARY KEY, body text, embedding vector({DIMS}))")
     execute(dsn, "INSERT INTO articles SELECT i, 'text ' || i FROM generate_series(1, 12) i")
@@ -50,10 +33,10 @@ def test_a_worker_that_may_not_create_the_index_records_the_failure(
     )  # fmt: skip
     assert registered.returncode == 0, registered.stderr
     assert "is pending" in registered.stdout
-    worker = roles.create("worker")
+    worker = vector_roles.create("worker")
     assert run_cli(["grant-worker", worker], owner_env).returncode == 0
 
-    worker_env = cli_env(roles.dsn(dsn, worker), fake_api)
+    worker_env = cli_env(vector_roles.dsn(dsn, worker), fake_api)
     drained = run_cli(["run", "--drain"], worker_env)
     assert drained.returncode == 0, drained.stderr
     assert summary_counts(drained.stdout)["processed"] == 12
@@ -74,7 +57,7 @@ def test_a_worker_that_may_not_create_the_index_records_the_failure(
     assert "run build-index as the table's owner" in status.stdout
 
     # The worker role moves build states, and nothing else of the wish.
-    with roles.login(dsn, worker) as conn:
+    with vector_roles.login(dsn, worker) as conn:
         conn.execute("UPDATE embedding_index_builds SET error_message = 'x', state = 'failed'")
         for forged in (
             "index_name = 'other_idx'",
