@@ -9,16 +9,14 @@ then rewrites one row and drains again to show that exactly that row was re-embe
 It is re-runnable: an existing demo table is kept and reset to the shipped documents (or
 dropped and recreated when its vector dimension does not match the provider). Its SQL lives
 in ``demo.sql``; queue_processor.db fills its slots with pgvector's names, values are bound.
+Its documents, searches and rewrite are in ``demo_data``, its tables in ``demo_view``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
-from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -34,6 +32,8 @@ from rich.text import Text
 
 from queue_processor import queue
 from queue_processor.db import Database, Query, Row, Slot, float4_array, statement, type_modifier
+from queue_processor.demo_data import REWRITE, REWRITE_TITLE, SEARCHES, load_documents
+from queue_processor.demo_view import before_after_table, hits_table, say_ok
 from queue_processor.errors import ConfigurationError, PermanentError, StatementFailed
 from queue_processor.migrations import migrate
 from queue_processor.providers.base import EmbeddingProvider
@@ -47,49 +47,6 @@ TABLE_LABEL = "demo_documents"
 """The label queue rows carry (tables in schema public are labelled by their bare name)."""
 COLUMN = "embedding"
 TEMPLATE = "Title: {title}\nTopic: {topic}\n{body}"
-DATA_FILE = "demo_documents.jsonl"
-
-SEARCHES: tuple[tuple[str, str], ...] = (
-    ("how do I bake bread at home", "cooking"),
-    ("planets and telescopes", "astronomy"),
-    ("saving money for retirement", "personal finance"),
-)
-"""The demo's queries, with the topic their nearest neighbours should come from."""
-
-REWRITE_TITLE = "Sunday roast chicken"
-REWRITE: dict[str, str] = {
-    "title": "A night of shooting stars",
-    "topic": "astronomy",
-    "body": (
-        "We drove away from the city lights to watch the Perseid meteor shower. After "
-        "midnight we counted more than forty meteors, and Jupiter rose bright in the east."
-    ),
-}
-"""The row the demo rewrites (a cooking note becomes an astronomy note) and its new content."""
-
-
-@dataclass(frozen=True)
-class DemoDocument:
-    """One shipped sample document."""
-
-    title: str
-    body: str
-    topic: str
-
-
-def load_documents() -> list[DemoDocument]:
-    """The sample documents shipped in ``queue_processor/data/demo_documents.jsonl``."""
-    text = resources.files("queue_processor.data").joinpath(DATA_FILE).read_text("utf-8")
-    documents: list[DemoDocument] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            documents.append(DemoDocument(item["title"], item["body"], item["topic"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigurationError(f"{DATA_FILE} line {number} is not a document") from exc
-    return documents
 
 
 def _statement(name: str, **slots: Slot) -> Query:
@@ -123,18 +80,18 @@ async def run_demo(
     console.print(Text("queue-processor demo", style="bold"))
     console.print(f"provider: {provider.name} · model: {provider.model}", highlight=False)
     applied = await migrate(db)
-    _ok(console, f"queue schema {'installed' if applied else 'up to date'}")
+    say_ok(console, f"queue schema {'installed' if applied else 'up to date'}")
 
     with console.status(f"Loading the embedding model {provider.model}…"):
         load_started = time.monotonic()
         dims = await _dimensions(provider)
-    _ok(console, f"model ready: {dims} dimensions ({time.monotonic() - load_started:.1f} s)")
+    say_ok(console, f"model ready: {dims} dimensions ({time.monotonic() - load_started:.1f} s)")
 
     vector = await _vector_objects(db)
     label = await _install_documents(db, console, vector, provider.model, dims)
 
     summary = await _drain(db, provider, console, label, config, "Embedding")
-    _ok(
+    say_ok(
         console,
         f"embedded {summary.processed} documents in {summary.duration_seconds:.1f} s "
         f"({summary.rows_per_second:.0f} rows/s, {summary.batches} batches, "
@@ -147,7 +104,7 @@ async def run_demo(
 
     for query, expected in SEARCHES:
         hits = await _search(db, provider, vector, query, k=5)
-        console.print(_hits_table(f'Search: "{query}"', hits, expected))
+        console.print(hits_table(f'Search: "{query}"', hits, expected))
 
     ok = await _rewrite_one(db, provider, vector, console, label, config)
     if not ok:
@@ -192,11 +149,11 @@ async def _install_documents(
                 "topics": [d.topic for d in documents],
             },
         )
-    _ok(
+    say_ok(
         console,
         f"table {TABLE} {'created' if recreated else 'reset'} with {len(documents)} documents",
     )
-    _ok(
+    say_ok(
         console,
         f"registered {label}.{COLUMN} with an HNSW cosine index; the insert trigger queued "
         f"{await _pending(db, label)} rows",
@@ -397,12 +354,10 @@ async def _rewrite_one(
     assert after is not None
     neighbours_after = await _neighbours(db, vector, document_id, 3)
 
-    console.print(_before_after_table(document_id, before, after))
+    console.print(before_after_table(document_id, before, after))
     for when, rows in (("before", neighbours_before), ("after", neighbours_after)):
         console.print(
-            _hits_table(
-                f"Nearest rows to document {document_id}, {when}", rows, str(after["topic"])
-            )
+            hits_table(f"Nearest rows to document {document_id}, {when}", rows, str(after["topic"]))
         )
 
     changed_ids = [int(r["id"]) for r in changed]
@@ -411,7 +366,7 @@ async def _rewrite_one(
         and summary.processed == 1
         and after["embedded_at"] > before["embedded_at"]
     ):
-        _ok(
+        say_ok(
             console,
             f"exactly one row was re-embedded (id {document_id}); the other "
             f"{int(coverage['total']) - 1} kept their vectors",
@@ -422,45 +377,3 @@ async def _rewrite_one(
         f"{changed_ids}, worker processed {summary.processed}[/red]"
     )
     return False
-
-
-# --- rendering ----------------------------------------------------------------------------
-
-
-def _ok(console: Console, message: str) -> None:
-    console.print(Text.assemble(("✓ ", "green"), message))
-
-
-def _before_after_table(document_id: int, before: Row, after: Row) -> Table:
-    """The rewritten row's title, topic and embedded_at, before and after."""
-    table = Table(box=box.SIMPLE_HEAVY, title_justify="left", title=f"Document {document_id}")
-    table.add_column("")
-    table.add_column("before")
-    table.add_column("after")
-    table.add_row("title", Text(str(before["title"])), Text(str(after["title"])))
-    table.add_row("topic", Text(str(before["topic"])), Text(str(after["topic"])))
-    table.add_row(
-        "embedded_at", _timestamp(before["embedded_at"]), _timestamp(after["embedded_at"])
-    )
-    return table
-
-
-def _hits_table(title: str, hits: list[Row], expected_topic: str) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAVY, title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("distance", justify="right")
-    table.add_column("topic")
-    table.add_column("title")
-    for rank, hit in enumerate(hits, start=1):
-        topic = str(hit["topic"])
-        table.add_row(
-            str(rank),
-            f"{float(hit['distance']):.3f}",
-            Text(topic, style="green" if topic == expected_topic else "yellow"),
-            Text(str(hit["title"])),
-        )
-    return table
-
-
-def _timestamp(value: Any) -> Text:
-    return Text(value.isoformat(sep=" ", timespec="milliseconds") if value else "—")

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from queue_processor import queries
-from queue_processor.demo import REWRITE, REWRITE_TITLE, SEARCHES, load_documents
+from queue_processor.demo_data import REWRITE, REWRITE_TITLE, SEARCHES, load_documents
 
 # A search result row as rich renders it: rank, distance, topic, title, in columns separated
 # by at least two spaces (topics such as "personal finance" contain one).
