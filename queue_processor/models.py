@@ -120,6 +120,14 @@ class Target:
         """The registry key: (table_name label, embedding column)."""
         return (self.table_name, self.embedding_column)
 
+    @property
+    def vectors_at(self) -> tuple[str, str, str]:
+        """Where the vectors (and the vector index) are: (schema, table, column): the target
+        column, or a chunked target's chunks table and its ``embedding`` column."""
+        if self.chunks_table is not None:
+            return (self.schema_name, self.chunks_table, "embedding")
+        return (self.schema_name, self.relation_name, self.embedding_column)
+
 
 # Where a wanted vector index stands (embedding_index_builds.state, migration 0007).
 IndexState = Literal["pending", "building", "ready", "failed"]
@@ -142,7 +150,10 @@ class IndexSpec:
 
 @dataclass(frozen=True)
 class IndexBuild:
-    """A build one builder has claimed: the wanted index and the table it goes on."""
+    """A build one builder has claimed: the wanted index of target (``table_name``,
+    ``embedding_column``) and where it goes: column ``index_column`` of table
+    ``schema_name.relation_name`` (the target column, or a chunked target's chunks table's
+    ``embedding``)."""
 
     table_name: str
     embedding_column: str
@@ -152,6 +163,7 @@ class IndexBuild:
     ef_construction: int
     schema_name: str
     relation_name: str
+    index_column: str
     column_type: ColumnType
     dimensions: int | None
 

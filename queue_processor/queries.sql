@@ -132,8 +132,9 @@ SELECT {qs}.embedding_register_target(
 
 -- name: register_chunked_target
 -- Register a chunked target, create its chunks table and install its triggers (see
--- sql/functions/28_chunks.sql).
-SELECT {qs}.embedding_register_chunked_target(
+-- sql/functions/28_chunks.sql). A new chunks table gets no index here: the caller creates
+-- it after the backfill, or records it as wanted (built once the backlog drained).
+SELECT {qs}.embedding_chunks_register(
     %(table_oid)s::oid::regclass, %(name)s::text,
     p_content_columns => %(content_columns)s::text[],
     p_template => %(template)s::text,
@@ -142,7 +143,9 @@ SELECT {qs}.embedding_register_chunked_target(
     p_dimensions => %(dimensions)s::integer,
     p_chunk_tokens => %(chunk_tokens)s::integer,
     p_chunk_overlap => %(chunk_overlap)s::integer,
-    p_max_chunks => %(max_chunks)s::integer
+    p_max_chunks => %(max_chunks)s::integer,
+    p_backfill => 'none'::text,
+    p_create_index => false
 ) AS table_name;
 
 -- name: set_length_policy
@@ -651,6 +654,10 @@ SELECT EXISTS (SELECT 1 FROM {qs}.embedding_index_builds
 SELECT b.table_name, b.embedding_column, b.index_name, b.method, b.opclass, b.m,
        b.ef_construction, b.state, b.error_message, b.builder, b.attempts, b.memory_mb,
        b.requested_at, b.started_at, b.finished_at, t.schema_name, t.relation_name,
+       -- The table and column the index goes on: a chunked target's chunks table (0010).
+       coalesce(t.chunks_table, t.relation_name) AS index_table,
+       CASE WHEN t.chunks_table IS NULL THEN t.embedding_column ELSE 'embedding' END
+           AS index_column,
        (SELECT i.indisvalid
           FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
           JOIN pg_index AS i ON i.indexrelid = c.oid
@@ -669,9 +676,14 @@ SELECT b.table_name, b.embedding_column, b.index_name, b.method, b.opclass, b.m,
 -- backlog's vectors go into the table before the index is built. The registry is tiny and
 -- the queue probes run only for wanted indexes (partial indexes on pending and processing
 -- rows), so a worker may ask this every few seconds. SKIP LOCKED: two builders never take
--- the same row; builder_pid is the backend of the connection that will build.
+-- the same row; builder_pid is the backend of the connection that will build. relation_name
+-- and index_column: where the index goes, for a chunked target (0010) its chunks table's
+-- embedding column.
 WITH due AS (
-    SELECT b.table_name, b.embedding_column, t.schema_name, t.relation_name,
+    SELECT b.table_name, b.embedding_column, t.schema_name,
+           coalesce(t.chunks_table, t.relation_name) AS relation_name,
+           CASE WHEN t.chunks_table IS NULL THEN t.embedding_column ELSE 'embedding' END
+               AS index_column,
            t.column_type, t.dimensions
       FROM {qs}.embedding_index_builds AS b
       JOIN {qs}.embedding_targets AS t USING (table_name, embedding_column)
@@ -699,7 +711,8 @@ UPDATE {qs}.embedding_index_builds AS b
   FROM due
  WHERE b.table_name = due.table_name AND b.embedding_column = due.embedding_column
 RETURNING b.table_name, b.embedding_column, b.index_name, b.opclass, b.m, b.ef_construction,
-          due.schema_name, due.relation_name, due.column_type, due.dimensions;
+          due.schema_name, due.relation_name, due.index_column, due.column_type,
+          due.dimensions;
 
 -- name: renew_index_build
 -- Extend the lease of a build this builder holds (false: it lost it).

@@ -11,6 +11,8 @@ from typing import Any, Literal
 from queue_processor import queue, render
 from queue_processor.cli.args import out
 from queue_processor.cli.factories import model_name, open_database
+from queue_processor.cli.index_build import index_target
+from queue_processor.cli.lookup import find_target
 from queue_processor.errors import EXIT_OK, UsageError
 from queue_processor.migrations import check_schema
 from queue_processor.models import Target
@@ -23,11 +25,10 @@ DEFAULT_MAX_CHUNKS = 100
 # Options of a column target that mean nothing for a chunked one.
 _COLUMN_ONLY = {
     "create_column": "--create-column",
-    "index": "--index (a chunks table always has its HNSW index)",
+    "index": "--index (a chunks table always gets its HNSW index)",
     "length_policy": "--length-policy",
     "model_column": "--model-column",
     "generated_at_column": "--generated-at-column",
-    "wait": "--wait",
 }
 
 
@@ -74,7 +75,8 @@ async def register_chunked(
     if not dimensions:
         raise UsageError("--chunks needs --dimensions N (or EMBEDDING_DIMENSIONS)")
     model = args.model or model_name(settings)
-    async with open_database(settings, max_size=1) as db:
+    # Two connections: --wait builds on one while the other renews the build's lease.
+    async with open_database(settings, max_size=2) as db:
         await check_schema(db)
         label = await queue.register_chunked_target(
             db,
@@ -89,10 +91,16 @@ async def register_chunked(
             id_column=args.id_column,
             model=model,
         )
+        queued = 0
         if args.backfill:
             mode: Literal["missing", "all"] = "all" if args.backfill == "all" else "missing"
             queued = await queue.backfill(db, label, args.column, mode)
             out(f"queued for embedding: {queued} row(s) ({mode})")
+        # The chunks table's HNSW index: now, or (a backlog of at least
+        # QUEUE_PROCESSOR_INDEX_DEFER_ROWS rows) once the backlog is embedded, as a column
+        # target's --index.
+        target = await find_target(db, label, args.column)
+        await index_target(db, target, queue.hnsw_spec(target), queued, args, settings)
     out(
         f"registered chunked target {label}.{args.column} (model {model}): chunks of "
         f"{args.chunk_tokens} tokens, overlap {args.chunk_overlap}, at most {args.max_chunks} "
@@ -102,11 +110,20 @@ async def register_chunked(
 
 
 def print_chunk_results(
-    args: argparse.Namespace, target: Target, rows: Sequence[Mapping[str, Any]]
+    args: argparse.Namespace,
+    target: Target,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    indexed: bool,
+    index_state: str | None,
 ) -> int:
-    """``search`` on a chunked target: each record's best chunk, nearest first."""
+    """``search`` on a chunked target: each record's best chunk, nearest first; as a column
+    target's, says when no valid index served it (``indexed``; ``index_state``: its build's
+    state)."""
     if args.json:
-        out(render.dumps({"query": args.text, "results": list(rows), "scan": "index"}))
+        scan = "index" if indexed else "sequential"
+        report = {"query": args.text, "results": list(rows), "scan": scan}
+        out(render.dumps({**report, "index_state": index_state}))
         return EXIT_OK
     shown = [{**r, "chunk_text": str(r["chunk_text"])[:160]} for r in rows]
     render.stdout_console().print(
@@ -116,4 +133,15 @@ def print_chunk_results(
             ["id", "chunk_index", "distance", "chunk_text"],
         )
     )
+    if not indexed:
+        out(sequential_scan_note(target, index_state))
     return EXIT_OK
+
+
+def sequential_scan_note(target: Target, index_state: str | None) -> str:
+    """What ``search`` says when no valid vector index served the query."""
+    why = f"its index is {index_state}" if index_state else "it has no vector index"
+    return (
+        f"note: {target.table_name}.{target.embedding_column} was searched by a "
+        f"sequential scan (exact, slower on large tables): {why}"
+    )

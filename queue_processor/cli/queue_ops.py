@@ -12,7 +12,7 @@ import anyio
 
 from queue_processor import queue, render
 from queue_processor.cli.args import Subparsers, out, parse_duration, positive_int
-from queue_processor.cli.chunked import print_chunk_results
+from queue_processor.cli.chunked import print_chunk_results, sequential_scan_note
 from queue_processor.cli.factories import build_provider, model_name, open_database
 from queue_processor.cli.lookup import find_target, parse_id_spec
 from queue_processor.db import Database
@@ -227,12 +227,14 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         if vector is None:
             raise PermanentError(f"the provider could not embed the query: {result.errors.get(0)}")
         if target.chunked:
-            found = await queue.search_chunks(db, target, vector, args.k)
-            return print_chunk_results(args, target, found)
-        rows = await queue.search(db, target, vector, args.k)
+            rows = await queue.search_chunks(db, target, vector, args.k)
+        else:
+            rows = await queue.search(db, target, vector, args.k)
         indexed = await queue.index_usable(db, target)
         builds = await queue.index_builds(db, target.table_name, target.embedding_column)
     index_state = builds[0]["state"] if builds else None
+    if target.chunked:
+        return print_chunk_results(args, target, rows, indexed=indexed, index_state=index_state)
     if args.json:
         scan = "index" if indexed else "sequential"
         report = {"query": args.text, "results": rows, "scan": scan, "index_state": index_state}
@@ -244,11 +246,7 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         )
     )
     if not indexed:
-        why = f"its index is {index_state}" if index_state else "it has no vector index"
-        out(
-            f"note: {target.table_name}.{target.embedding_column} was searched by a "
-            f"sequential scan (exact, slower on large tables): {why}"
-        )
+        out(sequential_scan_note(target, index_state))
     return EXIT_OK
 
 

@@ -88,8 +88,14 @@ def hnsw_spec(
             f"HNSW needs 2 <= m <= 100 and 2 * m <= ef_construction <= 1000 "
             f"(got m={m}, ef_construction={ef_construction})"
         )
+    # A chunks table's index keeps the name its registration always gave it (28_chunks.sql).
+    name = (
+        f"{target.chunks_table[:58]}_hnsw"
+        if target.chunks_table is not None
+        else f"{target.relation_name}_{target.embedding_column}_hnsw_idx"[:63]
+    )
     return IndexSpec(
-        index_name=f"{target.relation_name}_{target.embedding_column}_hnsw_idx"[:63],
+        index_name=name,
         opclass="vector_cosine_ops" if target.column_type == "vector" else "halfvec_cosine_ops",
         m=m,
         ef_construction=ef_construction,
@@ -156,17 +162,14 @@ async def retry_index_build(db: Database, table_name: str, column: str, *, valid
 
 
 async def index_usable(db: Database, target: Target) -> bool:
-    """Whether a valid HNSW or IVFFlat index covers the target column (else a search reads
-    every row)."""
+    """Whether a valid HNSW or IVFFlat index covers the target's vectors (else a search
+    reads every row)."""
+    schema, table, column = target.vectors_at
     async with db.connection() as conn:
         row = await db.fetch_one(
             conn,
             db.statement("column_index_usable"),
-            {
-                "schema": target.schema_name,
-                "table": target.relation_name,
-                "column": target.embedding_column,
-            },
+            {"schema": schema, "table": table, "column": column},
         )
     return bool(row and row["usable"])
 
@@ -313,7 +316,7 @@ async def _create_index(db: Database, conn: Connection, build: IndexBuild, memor
                 "build_hnsw_index",
                 index=build.index_name,
                 table=(build.schema_name, build.relation_name),
-                column=build.embedding_column,
+                column=build.index_column,
                 opclass=(await _vector_schema(db, conn), build.opclass),
                 m=type_modifier(build.m),
                 ef_construction=type_modifier(build.ef_construction),

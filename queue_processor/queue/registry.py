@@ -87,8 +87,9 @@ async def register_chunked_target(
     model: str | None = None,
 ) -> str:
     """Register chunked target ``name`` on ``table``: its chunks go to the companion table
-    ``<table>_<name>_chunks`` that this creates (see sql/functions/28_chunks.sql). Returns
-    the queue's table label."""
+    ``<table>_<name>_chunks`` that this creates (see sql/functions/28_chunks.sql) without
+    its HNSW index (the caller creates it, ``create_hnsw_index``, or records it as wanted,
+    ``want_index``). Returns the queue's table label."""
     async with db.connection() as conn:
         await db.lock_schema(conn)  # one transaction with the registration, migrate waits
         rel = await _resolve_table(db, conn, table)
@@ -201,9 +202,11 @@ async def add_embedding_column(db: Database, table: str, column: str, dimensions
 
 
 async def create_hnsw_index(db: Database, target: Target, spec: IndexSpec | None = None) -> str:
-    """Create the cosine HNSW index on a vector/halfvec target now (``spec``: its name and
-    parameters, by default ``hnsw_spec(target)``); return its name."""
+    """Create the cosine HNSW index on a vector/halfvec target now (on a chunked target's
+    chunks table; ``spec``: its name and parameters, by default ``hnsw_spec(target)``);
+    return its name."""
     spec = spec or hnsw_spec(target)
+    schema, table, column = target.vectors_at
     async with db.connection(autocommit=True) as conn:
         ext = await db.fetch_one(conn, db.statement("vector_extension_schema"))
         assert ext is not None
@@ -212,11 +215,22 @@ async def create_hnsw_index(db: Database, target: Target, spec: IndexSpec | None
             db.statement(
                 "create_hnsw_index",
                 index=spec.index_name,
-                table=(target.schema_name, target.relation_name),
-                column=target.embedding_column,
+                table=(schema, table),
+                column=column,
                 opclass=(ext["schema"], spec.opclass),
                 m=type_modifier(spec.m),
                 ef_construction=type_modifier(spec.ef_construction),
             ),
         )
     return spec.index_name
+
+
+async def hnsw_index_valid(db: Database, target: Target, spec: IndexSpec) -> bool:
+    """Whether the index ``spec`` names exists in the target's schema and is valid."""
+    async with db.connection() as conn:
+        row = await db.fetch_one(
+            conn,
+            db.statement("index_validity"),
+            {"schema": target.schema_name, "index": spec.index_name},
+        )
+    return bool(row and row["valid"])

@@ -80,9 +80,10 @@ $$;
 -- Create chunked target t's companion table in the source's schema, unless it exists (a
 -- re-registration, checked by the caller): the key (the source key's type), the chunk's
 -- position and text, its vector (vector(N), or halfvec(N) past HNSW's 2,000 dimensions for
--- vector), the model that made it and when. An HNSW cosine index serves search; row-level
--- security is on with no policy (grant-worker gives worker roles a SELECT policy), and every
--- privilege default privileges handed out is taken back.
+-- vector), the model that made it and when; no index on the vectors yet (see
+-- embedding_chunks_create_index). Row-level security is on with no policy (grant-worker
+-- gives worker roles a SELECT policy), and every privilege default privileges handed out is
+-- taken back.
 CREATE OR REPLACE FUNCTION @qs@.embedding_chunks_create_table(t @qs@.embedding_targets, p_table regclass)
 RETURNS void
 LANGUAGE plpgsql
@@ -112,9 +113,6 @@ BEGIN
         ' generated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),'
         ' PRIMARY KEY (record_id, chunk_index))',
         rel, key_type, vector_schema, t.column_type, t.dimensions);
-    EXECUTE format('CREATE INDEX %I ON %s USING hnsw (embedding %I.%I)',
-                   left(t.chunks_table, 58) || '_hnsw', rel, vector_schema,
-                   t.column_type || '_cosine_ops');
     EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', rel);
     FOR grantee IN
         SELECT DISTINCT CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
@@ -123,6 +121,36 @@ BEGIN
     LOOP
         EXECUTE format('REVOKE ALL ON TABLE %s FROM %s', rel, grantee);
     END LOOP;
+END;
+$$;
+
+-- Create chunked target t's HNSW cosine index on its chunks table's vectors now, and record
+-- it in embedding_index_builds as 'ready' (as `register --index` does for a column target).
+-- Its name, <chunks table (58 bytes at most)>_hnsw, is the one every release gave it, so a
+-- target registered earlier keeps its index; the opclass follows the column's type.
+CREATE OR REPLACE FUNCTION @qs@.embedding_chunks_create_index(t @qs@.embedding_targets)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET client_min_messages = warning AS $$
+DECLARE
+    vector_schema text;
+    index_name text := left(t.chunks_table, 58) || '_hnsw';
+BEGIN
+    SELECT n.nspname INTO vector_schema
+      FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector';
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %I.%I USING hnsw (embedding %I.%I)',
+                   index_name, t.schema_name, t.chunks_table, vector_schema,
+                   t.column_type || '_cosine_ops');
+    INSERT INTO @qs@.embedding_index_builds AS b
+           (table_name, embedding_column, index_name, opclass, state, finished_at)
+    VALUES (t.table_name, t.embedding_column, index_name, t.column_type || '_cosine_ops',
+            'ready', now())
+    ON CONFLICT (table_name, embedding_column) DO UPDATE
+       SET index_name = EXCLUDED.index_name, opclass = EXCLUDED.opclass, m = EXCLUDED.m,
+           ef_construction = EXCLUDED.ef_construction, state = 'ready', error_message = NULL,
+           builder = NULL, builder_pid = NULL, lease_expires_at = NULL, requested_at = now(),
+           started_at = NULL, finished_at = now();
 END;
 $$;
 
@@ -174,6 +202,7 @@ $$;
 --                     not embedded, and its queue row's detail says so
 -- A re-registration may change the content, model and chunk settings (records are
 -- re-chunked when next queued: backfill 'all'), not the dimensions: unregister first.
+-- A new chunks table gets its HNSW index at once (embedding_chunks_create_index).
 -- Returns the table_name label queue rows carry.
 CREATE OR REPLACE FUNCTION @qs@.embedding_register_chunked_target(
     p_table regclass,
@@ -190,9 +219,39 @@ CREATE OR REPLACE FUNCTION @qs@.embedding_register_chunked_target(
 ) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN @qs@.embedding_chunks_register(p_table, p_name, p_content_columns, p_template,
+                                          p_id_column, p_model, p_dimensions, p_chunk_tokens,
+                                          p_chunk_overlap, p_max_chunks, p_backfill, true);
+END;
+$$;
+
+-- embedding_register_chunked_target, with p_create_index: false leaves a new chunks table
+-- without its HNSW index, for `register --chunks`, which creates it after the backfill or,
+-- past QUEUE_PROCESSOR_INDEX_DEFER_ROWS queued rows, records it as wanted (a worker builds
+-- it once the backlog drained: HNSW inserts during a backfill cost more than the build).
+-- A function of its own name rather than a parameter added to the one above: its signature
+-- stays as released, and no two signatures share a name.
+CREATE OR REPLACE FUNCTION @qs@.embedding_chunks_register(
+    p_table regclass,
+    p_name text,
+    p_content_columns text[],
+    p_template text,
+    p_id_column text,
+    p_model text,
+    p_dimensions integer,
+    p_chunk_tokens integer,
+    p_chunk_overlap integer,
+    p_max_chunks integer,
+    p_backfill text,
+    p_create_index boolean
+) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     t @qs@.embedding_targets;
     previous @qs@.embedding_targets;
+    created boolean := false;
 BEGIN
     IF p_name IS NULL OR p_name = '' THEN
         RAISE EXCEPTION 'a chunked target needs a name' USING ERRCODE = 'invalid_parameter_value';
@@ -228,8 +287,10 @@ BEGIN
                   USING ERRCODE = 'duplicate_table';
         END IF;
         PERFORM @qs@.embedding_chunks_create_table(t, p_table);
+        created := true;
     ELSIF to_regclass(format('%I.%I', t.schema_name, t.chunks_table)) IS NULL THEN
         PERFORM @qs@.embedding_chunks_create_table(t, p_table);
+        created := true;
     END IF;
     t.trigger_suffix := substr(md5(t.table_name || '/' || t.embedding_column), 1, 12);
     PERFORM @qs@.embedding_target_create_functions(t);
@@ -240,6 +301,10 @@ BEGIN
            chunk_overlap = t.chunk_overlap, max_chunks = t.max_chunks,
            chunks_table = t.chunks_table
      WHERE r.table_name = t.table_name AND r.embedding_column = t.embedding_column;
+    -- After the registry row exists: embedding_index_builds references it.
+    IF created AND coalesce(p_create_index, true) THEN
+        PERFORM @qs@.embedding_chunks_create_index(t);
+    END IF;
     IF p_backfill <> 'none' THEN
         PERFORM @qs@.embedding_queue_backfill(t.table_name, t.embedding_column, p_backfill);
     END IF;
