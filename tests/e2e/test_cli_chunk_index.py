@@ -17,6 +17,7 @@ from queue_processor.testing import FakeOpenAIServer
 from tests.support.helpers import (
     DIMS,
     QUEUE_PROCESSOR,
+    chunked_register_args,
     cli_env,
     create_table,
     execute,
@@ -55,23 +56,7 @@ def docs(dsn: str, env: dict[str, str], n: int) -> None:
 
 
 def register_args(*extra: str) -> list[str]:
-    return [
-        "register",
-        "docs",
-        "--column",
-        "body",
-        "--content",
-        "body",
-        "--chunks",
-        "--dimensions",
-        str(DIMS),
-        "--chunk-tokens",
-        "40",
-        "--chunk-overlap",
-        "8",
-        "--backfill",
-        *extra,
-    ]
+    return chunked_register_args("--backfill", *extra)
 
 
 def chunk_index(dsn: str) -> dict[str, Any] | None:

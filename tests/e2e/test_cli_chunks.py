@@ -11,7 +11,15 @@ from collections.abc import Iterator
 import pytest
 
 from queue_processor.testing import FakeOpenAIServer
-from tests.support.helpers import DIMS, cli_env, create_table, execute, insert_rows, run_cli
+from tests.support.helpers import (
+    DIMS,
+    chunked_register_args,
+    cli_env,
+    create_table,
+    execute,
+    insert_rows,
+    run_cli,
+)
 
 MODEL = "text-embedding-3-small"
 
@@ -41,29 +49,7 @@ def test_register_chunks_run_status_and_search(dsn: str, server: FakeOpenAIServe
     ok(run_cli(["migrate"], env))
     create_table(dsn)
     insert_rows(dsn, [(i, text(i)) for i in range(1, 6)])
-    done = ok(
-        run_cli(
-            [
-                "register",
-                "docs",
-                "--column",
-                "body",
-                "--content",
-                "body",
-                "--chunks",
-                "--dimensions",
-                str(DIMS),
-                "--chunk-tokens",
-                "40",
-                "--chunk-overlap",
-                "8",
-                "--max-chunks",
-                "50",
-                "--backfill",
-            ],
-            env,
-        )
-    )
+    done = ok(run_cli(chunked_register_args("--max-chunks", "50", "--backfill"), env))
     assert "queued for embedding: 5 row(s) (missing)" in done.stdout
     assert "registered chunked target docs.body" in done.stdout
     ok(run_cli(["run", "--drain"], env))

@@ -20,7 +20,7 @@ from tests.pooler.pooled import (
     pooled_worker_env,
 )
 from tests.reliability.harness import Workers, counts, wait_for
-from tests.support.helpers import DIMS, create_table, execute, insert_rows, run_cli
+from tests.support.helpers import chunked_register_args, create_table, execute, insert_rows, run_cli
 from tests.support.pgbouncer import PgBouncer
 
 pytestmark = pytest.mark.pooler
@@ -56,9 +56,7 @@ def test_a_chunked_target_through_the_pooler(
     env = pooled_cli_env(pooled_dsn, fake)
     create_table(dsn)
     insert_rows(dsn, [(i, text(i)) for i in range(1, ROWS + 1)])
-    args = ["register", "docs", "--column", "body", "--content", "body", "--chunks"]
-    args += ["--dimensions", str(DIMS), "--chunk-tokens", "40", "--chunk-overlap", "8"]
-    registered = run_cli([*args, "--backfill"], env)
+    registered = run_cli(chunked_register_args("--backfill"), env)
     assert registered.returncode == 0, registered.stderr
     assert f"queued for embedding: {ROWS} row(s)" in registered.stdout
 

@@ -291,6 +291,27 @@ ORDER BY table_name, status;
 """The seeds' status query (seed 003), verbatim: what operators ran before `status`."""
 
 
+def chunked_register_args(*extra: str) -> list[str]:
+    """`register` of the chunked target docs.body (the ``docs`` table of ``create_table``):
+    chunks of 40 tokens with 8 of overlap, ``DIMS`` dimensions; ``extra`` appended."""
+    return [
+        "register",
+        "docs",
+        "--column",
+        "body",
+        "--content",
+        "body",
+        "--chunks",
+        "--dimensions",
+        str(DIMS),
+        "--chunk-tokens",
+        "40",
+        "--chunk-overlap",
+        "8",
+        *extra,
+    ]
+
+
 def run_cli(
     args: Sequence[str], env: dict[str, str], *, timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
